@@ -1,0 +1,1 @@
+"""S3 fixture placeholder; the SeaweedFS harness replaces this module."""
