@@ -17,6 +17,8 @@ class Scope(StrEnum):
 class FileStatus(StrEnum):
     VALIDATED = "validated"
     ERROR = "error"
+    DELETED = "deleted"
+    """The bytes are gone; the row stays only because finished jobs refer to it."""
 
 
 class FileKind(StrEnum):

@@ -1,0 +1,196 @@
+"""``lorafleet``: run the platform's roles and talk to a running control plane."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lorafleet.platform.config import Settings, load_settings
+from lorafleet.services.cli.client import DEFAULT_URL, ApiClient, resolve_key
+
+app = typer.Typer(no_args_is_help=True, help="lorafleet: multi-tenant LoRA training and serving.")
+keys_app = typer.Typer(no_args_is_help=True, help="Tenants and API keys (direct database access).")
+files_app = typer.Typer(no_args_is_help=True, help="Datasets.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+console = Console()
+
+ApiUrl = Annotated[str, typer.Option("--api-url", envvar="LORAFLEET_API_URL", help="Control-plane URL.")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key (else LORAFLEET_API_KEY or admin.key).")]
+
+
+def _client(api_url: str, api_key: str | None) -> ApiClient:
+    return ApiClient(api_url, resolve_key(api_key, load_settings().data_dir))
+
+
+def _print_json(obj: Any) -> None:
+    console.print_json(json.dumps(obj))
+
+
+def _announce_key(settings: Settings, secret: str | None) -> None:
+    if secret:
+        console.print(f"[bold green]Created tenant 'default' with an admin API key (shown once):[/]\n{secret}\n"
+                      f"It is also in {settings.admin_key_path} (mode 600).")
+
+
+@app.command()
+def migrate(downgrade_to: Annotated[str | None, typer.Option("--downgrade", help="Revision to go down to.")] = None
+            ) -> None:
+    """Apply (or revert) database migrations."""
+    from lorafleet.platform.db import downgrade, upgrade
+
+    settings = load_settings()
+    if downgrade_to:
+        downgrade(settings.resolved_database_url, downgrade_to)
+    else:
+        upgrade(settings.resolved_database_url)
+    console.print("migrations applied")
+
+
+@app.command()
+def api(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the control-plane API alone."""
+    import uvicorn
+
+    from lorafleet.services.api import bootstrap, create_app
+
+    settings = load_settings()
+    _announce_key(settings, bootstrap(settings))
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level=settings.log_level.lower())
+
+
+@app.command()
+def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the whole platform in one process on its embedded defaults (SQLite, local object store)."""
+    import uvicorn
+
+    from lorafleet.services.api import bootstrap, create_app
+
+    settings = load_settings()
+    secret = bootstrap(settings)
+    _announce_key(settings, secret)
+    if not secret:
+        console.print(f"Admin API key: {settings.admin_key_path}")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level=settings.log_level.lower())
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name; created when missing.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: admin,train,infer,read.")],
+    name: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Create an API key (and its tenant when new). The key is printed once."""
+    from sqlalchemy import select
+
+    from lorafleet.platform.auth import create_api_key, create_tenant, parse_scopes
+    from lorafleet.platform.db import make_engine, make_sessionmaker, models, transaction, upgrade
+
+    settings = load_settings()
+    upgrade(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        row = session.scalars(select(models.Tenant).where(models.Tenant.name == tenant)).first()
+        row = row or create_tenant(session, tenant)
+        key, secret = create_api_key(session, tenant_id=row.id, scopes=parse_scopes(scopes), name=name)
+    engine.dispose()
+    console.print(f"key {key.id} for tenant {tenant} with scopes {','.join(key.scopes)}:")
+    print(secret)
+
+
+@files_app.command("upload")
+def files_upload(path: Path, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKeyOpt = None) -> None:
+    """Upload and validate a JSONL dataset."""
+    with path.open("rb") as f:
+        result = _client(api_url, api_key).request("POST", "/v1/files", files={"file": (path.name, f)},
+                                                   data={"purpose": "fine-tune"})
+    _print_json(result)
+    if result["status"] != "validated":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    model: Annotated[str, typer.Option()],
+    training_file: Annotated[str, typer.Option("--training-file")],
+    policy: Annotated[str, typer.Option()],
+    method: Annotated[str, typer.Option(help="supervised, dpo or reinforcement")] = "supervised",
+    hyperparameters: Annotated[str, typer.Option(help="JSON object")] = "{}",
+    grader: Annotated[str | None, typer.Option(help="JSON grader for reinforcement")] = None,
+    rank: Annotated[int, typer.Option()] = 1,
+    seed: Annotated[int | None, typer.Option()] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Create a fine-tuning job."""
+    method_body: dict[str, Any] = {"type": method, "hyperparameters": json.loads(hyperparameters)}
+    if grader:
+        method_body["grader"] = json.loads(grader)
+    body = {"model": model, "training_file": training_file, "policy": policy, "method": method_body,
+            "lora": {"rank": rank}, "seed": seed, "idempotency_key": idempotency_key}
+    _print_json(_client(api_url, api_key).request("POST", "/v1/fine_tuning/jobs", json=body))
+
+
+@jobs_app.command("list")
+def jobs_list(status: Annotated[str | None, typer.Option()] = None, api_url: ApiUrl = DEFAULT_URL,
+              api_key: ApiKeyOpt = None) -> None:
+    params = {"status": status} if status else {}
+    page = _client(api_url, api_key).request("GET", "/v1/fine_tuning/jobs", params=params)
+    table = Table("id", "status", "method", "policy", "model", "step")
+    for job in page["data"]:
+        prog = job["progress"]
+        table.add_row(job["id"], job["status"], job["method"]["type"], job["policy"], job["model"],
+                      f"{prog.get('step', 0)}/{prog.get('total_steps', '?')}")
+    console.print(table)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKeyOpt = None) -> None:
+    _print_json(_client(api_url, api_key).request("GET", f"/v1/fine_tuning/jobs/{job_id}"))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKeyOpt = None,
+               interval: Annotated[float, typer.Option()] = 1.0) -> None:
+    """Follow a job: a progress bar and its events until it finishes."""
+    client = _client(api_url, api_key)
+    after: str | None = None
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(job_id, total=None, metrics="")
+        while True:
+            job = client.request("GET", f"/v1/fine_tuning/jobs/{job_id}")
+            params = {"after": after} if after else {}
+            events = client.request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+            for event in events["data"]:
+                if event["type"] != "metrics":
+                    progress.console.print(f"[dim]{event['level']}[/] {event['message']}")
+                after = event["id"]
+            prog = job["progress"]
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in prog.items()
+                               if isinstance(v, float) and k not in ("step", "total_steps"))
+            progress.update(task, total=prog.get("total_steps"), completed=prog.get("step", 0),
+                            description=f"{job_id} {job['status']}", metrics=metrics)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(interval)
+    console.print(f"job {job_id} {job['status']}" + (f": {job['error']['message']}" if job.get("error") else ""))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
