@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,23 @@ def redis_prefix() -> Iterator[str]:
 @pytest.fixture
 def redis_url() -> str:
     return REDIS_URL
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_MODEL_DIR = Path(os.environ.get("LORAFLEET_TEST_MODEL_DIR", REPO_ROOT / ".lorafleet" / "test-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_path() -> Path:
+    """The built-in tiny-moe base, built once (about two minutes) and cached across sessions.
+    ``LORAFLEET_TEST_TINY_MOE`` may name an already built directory instead."""
+    from filelock import FileLock
+
+    if os.environ.get("LORAFLEET_TEST_TINY_MOE"):
+        return Path(os.environ["LORAFLEET_TEST_TINY_MOE"])
+
+    from lorafleet.platform.modeling.tiny_moe import build_tiny_moe
+
+    TEST_MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(TEST_MODEL_DIR / ".build.lock")):
+        return build_tiny_moe(TEST_MODEL_DIR)

@@ -22,6 +22,8 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
+models_app = typer.Typer(no_args_is_help=True, help="Base models.")
+app.add_typer(models_app, name="models")
 console = Console()
 
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="LORAFLEET_API_URL", help="Control-plane URL.")]
@@ -76,13 +78,90 @@ def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int |
 
     from lorafleet.services.api import bootstrap, create_app
 
+    from lorafleet.services.trainer.worker import TrainerWorker
+
     settings = load_settings()
     secret = bootstrap(settings)
+    ensure_tiny_moe(settings)
     _announce_key(settings, secret)
     if not secret:
         console.print(f"Admin API key: {settings.admin_key_path}")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=settings.log_level.lower())
+    thread, stop = TrainerWorker(settings).start_background()
+    try:
+        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                    log_level=settings.log_level.lower())
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def ensure_tiny_moe(settings: Settings) -> None:
+    """Build the built-in base when it is missing (cached under the model directory) and register it."""
+    from lorafleet.platform.db import make_engine, make_sessionmaker, transaction
+    from lorafleet.platform.modeling.tiny_moe import TINY_MOE_ID, build_tiny_moe
+    from lorafleet.services.trainer.bases import register_base_model
+
+    target = settings.resolved_model_dir / TINY_MOE_ID
+    if not (target / "lorafleet.json").exists():
+        console.print(f"building the built-in base model {TINY_MOE_ID} (once, about two minutes)...")
+    path = build_tiny_moe(settings.resolved_model_dir)
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        register_base_model(session, path, model_id=TINY_MOE_ID)
+    engine.dispose()
+
+
+@models_app.command("build")
+def models_build(name: Annotated[str, typer.Argument(help="Only tiny-moe is built in.")] = "tiny-moe",
+                 force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False) -> None:
+    """Build (or reuse) the built-in base model and register it."""
+    from lorafleet.platform.modeling.tiny_moe import TINY_MOE_ID, build_tiny_moe
+
+    if name != TINY_MOE_ID:
+        raise typer.BadParameter(f"only {TINY_MOE_ID} is built in; use `lorafleet models register DIR` for others")
+    settings = load_settings()
+    from lorafleet.platform.db import upgrade
+
+    upgrade(settings.resolved_database_url)
+    if force:
+        build_tiny_moe(settings.resolved_model_dir, force=True)
+    ensure_tiny_moe(settings)
+    console.print(f"{TINY_MOE_ID} ready in {settings.resolved_model_dir / TINY_MOE_ID}")
+
+
+@models_app.command("register")
+def models_register(
+    path: Path,
+    model_id: Annotated[str | None, typer.Option("--id", help="Model id (default: the directory name).")] = None,
+    max_lora_rank: Annotated[int, typer.Option()] = 64,
+) -> None:
+    """Register a local Hugging Face model directory (Qwen3-MoE, Mixtral, OLMoE, Qwen3, Llama) as a base."""
+    from lorafleet.platform.db import make_engine, make_sessionmaker, transaction, upgrade
+    from lorafleet.services.trainer.bases import register_base_model
+
+    settings = load_settings()
+    upgrade(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        row = register_base_model(session, path, model_id=model_id, max_lora_rank=max_lora_rank)
+        console.print(f"registered {row.id}: {row.architecture}, fingerprint {row.fingerprint[:12]}…")
+    engine.dispose()
+
+
+@app.command()
+def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4) -> None:
+    """Run a training worker alone: claims jobs from the queue until interrupted."""
+    import signal
+    import threading
+
+    from lorafleet.services.trainer.worker import TrainerWorker
+
+    settings = load_settings()
+    worker = TrainerWorker(settings, max_concurrent_jobs=max_concurrent_jobs)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker.run_forever(stop)
 
 
 @keys_app.command("create")

@@ -1,0 +1,1 @@
+"""The serving replica: engine, adapter tiers, OpenAI-compatible API, replica agent."""

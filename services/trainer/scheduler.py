@@ -1,0 +1,133 @@
+"""One training step over several job runs on one resident base: their rollouts are generated
+together and their rows share one forward and one backward pass, each row with its own adapter
+(the per-row LoRA of ``platform.modeling``), then each run's optimizer steps on its own gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.platform.domain.errors import LorafleetError
+from lorafleet.platform.modeling.lora import LoraBatch, stack_adapters
+from lorafleet.platform.modeling.model import CausalLM
+from lorafleet.platform.modeling.sampling import generate
+from lorafleet.services.trainer.data import Batch, token_logprobs
+from lorafleet.services.trainer.recipes import JobRun, StepPlan, TrainingDiverged
+
+
+class RunFailed(Exception):
+    """One run's own error during a shared step; the other runs did not advance and may retry."""
+
+    def __init__(self, job_id: str, error: BaseException) -> None:
+        super().__init__(f"job {job_id}: {error}")
+        self.job_id = job_id
+        self.error = error
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    tokens: int
+    seconds: float
+
+
+def _concat(batches: Sequence[Batch], pad_id: int) -> Batch:
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value: int | bool) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Batch(torch.cat([pad(b.input_ids, pad_id) for b in batches]),
+                 torch.cat([pad(b.attention_mask, False) for b in batches]),
+                 torch.cat([pad(b.loss_mask, False) for b in batches]))
+
+
+
+class MultiPolicyStep:
+    def __init__(self, model: CausalLM, *, pad_id: int, stop_ids: Sequence[int]) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.stop_ids = list(stop_ids)
+
+    def _rollouts(self, runs: Sequence[JobRun], generator: torch.Generator) -> None:
+        requests = [(i, r.sample_requests()) for i, r in enumerate(runs)]
+        flat = [(i, req) for i, reqs in requests for req in reqs]
+        if not flat:
+            return
+        with torch.no_grad():
+            bank = stack_adapters([r.params for r in runs])
+        gens = generate(
+            self.model, [req.prompt_ids for _, req in flat],
+            max_new_tokens=max(req.max_new_tokens for _, req in flat), stop_ids=self.stop_ids,
+            params=[req.params for _, req in flat], bank=bank, adapter_ids=[i for i, _ in flat], generator=generator,
+        )
+        offset = 0
+        for i, reqs in requests:
+            if reqs:
+                mine = gens[offset: offset + len(reqs)]
+                for g, req in zip(mine, reqs, strict=True):
+                    if len(g.tokens) > req.max_new_tokens:
+                        del g.tokens[req.max_new_tokens:], g.logprobs[req.max_new_tokens:]
+                        g.finished = False
+                runs[i].take_samples(mine)
+                offset += len(reqs)
+
+    def step(self, runs: Sequence[JobRun]) -> list[StepResult]:
+        """Advance every run by one optimizer step. A run's own failure raises :class:`RunFailed`."""
+        start = time.perf_counter()
+        device = self.model.device
+        seed = sum(r.job.seed * 7919 + r.step for r in runs)
+        self._rollouts(runs, torch.Generator(device="cpu").manual_seed(seed))
+        plans: list[StepPlan] = []
+        for r in runs:
+            try:
+                plans.append(r.plan())
+            except LorafleetError as exc:
+                raise RunFailed(r.job.id, exc) from exc
+        joined = _concat([p.batch for p in plans], self.pad_id)
+        ids = joined.input_ids.to(device)
+        attn = joined.attention_mask.to(device)
+        rows = [p.batch.input_ids.shape[0] for p in plans]
+        owner = [i for i, n in enumerate(rows) for _ in range(n)]
+
+        ref: torch.Tensor | None = None
+        if any(p.needs_reference for p in plans):
+            with torch.no_grad():
+                ref = token_logprobs(self.model(ids, attn), ids).cpu()
+
+        logits = self.model(ids, attn, lora=LoraBatch(stack_adapters([r.params for r in runs]), owner))
+        logp = token_logprobs(logits, ids).cpu()
+        del logits
+        total = torch.zeros(())
+        results_metrics = []
+        offset = 0
+        for run, plan, n in zip(runs, plans, rows, strict=True):
+            width = plan.batch.input_ids.shape[1]
+            mine = logp[offset: offset + n, :width]
+            mine_ref = ref[offset: offset + n, :width] if ref is not None and plan.needs_reference else None
+            loss, metrics = run.loss(mine, plan, mine_ref)
+            if not math.isfinite(loss.item()):
+                raise RunFailed(run.job.id, TrainingDiverged(f"loss is {loss.item()} at step {run.step + 1}",
+                                                             details={"step": run.step + 1}))
+            total = total + loss
+            results_metrics.append(metrics)
+            offset += n
+        total.backward()
+        seconds = time.perf_counter() - start
+        results = []
+        for run, plan, metrics in zip(runs, plans, results_metrics, strict=True):
+            norm = run.apply_update()
+            if not math.isfinite(norm):
+                raise RunFailed(run.job.id, TrainingDiverged(f"gradient norm is {norm} at step {run.step}",
+                                                             details={"step": run.step}))
+            tokens = plan.batch.tokens
+            run.tokens_seen += tokens
+            metrics = metrics | {"grad_norm": norm, "lr": float(run.scheduler.get_last_lr()[0]),
+                                 "tokens_per_second": tokens / seconds if seconds > 0 else 0.0}
+            results.append(StepResult(metrics, tokens, seconds))
+        return results
