@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv up test test-all services lint bench clean
+.PHONY: venv up test test-all services tools lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,10 +22,14 @@ up: venv
 services:
 	bash scripts/services.sh
 
-test: venv services
+# promtool (Debian prometheus) and chromium for the deploy and browser tests
+tools:
+	bash scripts/install-test-tools.sh
+
+test: venv services tools
 	$(PY) -m pytest -m "not vllm and not gpu" $(PYTEST_ARGS)
 
-test-all: venv services
+test-all: venv services tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

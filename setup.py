@@ -16,4 +16,8 @@ for root in ROOTS:
     packages.append(f"lorafleet.{root}")
     packages += [f"lorafleet.{root}.{sub}" for sub in find_namespace_packages(where=root)]
 
-setup(packages=packages, package_data={"lorafleet.adapters_store": ["*.md"], "lorafleet.platform.modeling": ["data/*"]})
+setup(packages=packages, package_data={
+        "lorafleet.adapters_store": ["*.md"],
+        "lorafleet.platform.modeling": ["data/*"],
+        "lorafleet.services.api.ui": ["*.html", "*.css", "*.js"],
+    },)

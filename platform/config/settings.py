@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_queued_jobs_per_tenant: int = Field(default=20, ge=1)
     """Queued plus running jobs a tenant may hold before new ones answer 429."""
     job_lease_seconds: float = 60.0
+    """How long a trainer holds a job between heartbeats before another may take it over."""
+    prometheus_url: str | None = None
+    """When set, the ops page reads its charts from this Prometheus instead of in-process history."""
+    metrics_history_interval_seconds: float = 15.0
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from lorafleet.platform.domain.errors import LorafleetError
 from lorafleet.platform.modeling.lora import LoraBatch, stack_adapters
 from lorafleet.platform.modeling.model import CausalLM
 from lorafleet.platform.modeling.sampling import generate
-from lorafleet.services.trainer.data import Batch, token_logprobs
+from lorafleet.services.trainer.data import Batch
 from lorafleet.services.trainer.recipes import JobRun, StepPlan, TrainingDiverged
 
 
@@ -77,6 +77,17 @@ class MultiPolicyStep:
                 runs[i].take_samples(mine)
                 offset += len(reqs)
 
+    def _target_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, targets: torch.Tensor, *,
+                         lora: LoraBatch | None) -> torch.Tensor:
+        """log p(token t | < t) ``[B, T]`` at the loss positions only (0 elsewhere): the vocabulary
+        projection runs on those positions alone, not on every prompt token."""
+        hidden = self.model.hidden_states(ids, attn, lora=lora)  # [B, T, hidden]
+        rows, cols = targets[:, 1:].nonzero(as_tuple=True)  # target at t+1 is predicted at t
+        logits = self.model.logits(hidden[rows, cols])  # [M, V]
+        picked = -torch.nn.functional.cross_entropy(logits.float(), ids[rows, cols + 1], reduction="none")
+        out = torch.zeros(ids.shape, dtype=picked.dtype, device=ids.device)
+        return out.index_put((rows, cols + 1), picked)
+
     def step(self, runs: Sequence[JobRun]) -> list[StepResult]:
         """Advance every run by one optimizer step. A run's own failure raises :class:`RunFailed`."""
         start = time.perf_counter()
@@ -95,14 +106,13 @@ class MultiPolicyStep:
         rows = [p.batch.input_ids.shape[0] for p in plans]
         owner = [i for i, n in enumerate(rows) for _ in range(n)]
 
+        targets = joined.loss_mask.to(device)
         ref: torch.Tensor | None = None
         if any(p.needs_reference for p in plans):
             with torch.no_grad():
-                ref = token_logprobs(self.model(ids, attn), ids).cpu()
-
-        logits = self.model(ids, attn, lora=LoraBatch(stack_adapters([r.params for r in runs]), owner))
-        logp = token_logprobs(logits, ids).cpu()
-        del logits
+                ref = self._target_logprobs(ids, attn, targets, lora=None).cpu()
+        lora = LoraBatch(stack_adapters([r.params for r in runs]), owner)
+        logp = self._target_logprobs(ids, attn, targets, lora=lora).cpu()
         total = torch.zeros(())
         results_metrics = []
         offset = 0
