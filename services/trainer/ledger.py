@@ -14,8 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.platform.db import models, transaction
+from lorafleet.platform.db.policies import add_revision, get_or_create_policy
 from lorafleet.platform.domain.enums import JobStatus
-from lorafleet.platform.domain.errors import Conflict
 from lorafleet.platform.domain.ids import new_id, new_ulid
 
 
@@ -77,17 +77,10 @@ class JobLedger:
                                auto_rollout=job.auto_rollout, policy_id=policy.id,
                                revision_id=job.result_revision_id)
 
-    def _policy(self, session: Session, job: models.Job) -> models.Policy:
-        """The job's policy, created when new (with no serving revision until one is exported)."""
-        policy = session.scalars(select(models.Policy).where(models.Policy.tenant_id == job.tenant_id,
-                                                             models.Policy.name == job.policy_name)
-                                 .with_for_update()).first()
-        if policy is None:
-            policy = models.Policy(id=new_id("policy"), tenant_id=job.tenant_id, name=job.policy_name,
-                                   base_model_id=job.base_model_id)
-            session.add(policy)
-            session.flush()
-        return policy
+    @staticmethod
+    def _policy(session: Session, job: models.Job) -> models.Policy:
+        return get_or_create_policy(session, tenant_id=job.tenant_id, name=job.policy_name,
+                                    base_model_id=job.base_model_id)
 
     def progress(self, job_id: str, *, step: int, total_steps: int, metrics: dict[str, float]) -> bool:
         """Record one step. Returns True when cancellation was requested."""
@@ -154,21 +147,13 @@ class JobLedger:
     def commit_revision(self, job: JobSnapshot, *, uri: str, sha256: str, size: int, manifest: dict[str, Any],
                         rank: int, step: int, handoff_seconds: float) -> models.AdapterRevision:
         """Write the AdapterRevision row and finish the job in one transaction (the revision becomes
-        visible only now). A policy's first revision becomes its serving revision at once (there is
-        no traffic to protect); later ones move by rollout."""
+        visible only now)."""
         with transaction(self.sessions) as s:
             row = s.scalars(select(models.Job).where(models.Job.id == job.id).with_for_update()).one()
-            existing = s.get(models.AdapterRevision, job.revision_id)
-            if existing is not None:
-                raise Conflict(f"revision {job.revision_id} is already committed", code="revision_exists")
             policy = self._policy(s, row)
-            revision = models.AdapterRevision(
-                id=job.revision_id, tenant_id=job.tenant_id, policy_id=policy.id, base_model_id=job.base_model_id,
-                job_id=job.id, step=step, uri=uri, sha256=sha256, bytes=size, rank=rank, manifest=manifest,
-                handoff_seconds=handoff_seconds)
-            s.add(revision)
-            if policy.serving_revision_id is None:
-                policy.serving_revision_id = revision.id
+            revision = add_revision(s, policy, revision_id=job.revision_id, uri=uri, sha256=sha256, size=size,
+                                    rank=rank, manifest=manifest, job_id=job.id, step=step,
+                                    handoff_seconds=handoff_seconds)
             JobStatus(row.status).check_transition(JobStatus.SUCCEEDED)
             row.status = JobStatus.SUCCEEDED
             row.finished_at = datetime.now(UTC)

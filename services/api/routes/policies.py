@@ -46,6 +46,13 @@ class RevisionPublic(BaseModel):
     manifest: dict[str, Any]
 
 
+def revision_public(r: models.AdapterRevision, policy: models.Policy) -> RevisionPublic:
+    return RevisionPublic(id=r.id, policy=policy.name, base_model=r.base_model_id, job_id=r.job_id, step=r.step,
+                          rank=r.rank, bytes=r.bytes, sha256=r.sha256, uri=r.uri, created_at=unix(r.created_at) or 0,
+                          handoff_seconds=r.handoff_seconds, serving=r.id == policy.serving_revision_id,
+                          manifest=r.manifest)
+
+
 @router.get("")
 def list_policies(
     state: StateDep, principal: ReadPrincipal, after: str | None = None,
@@ -75,8 +82,5 @@ def list_revisions(name: str, state: StateDep, principal: ReadPrincipal) -> List
         rows = session.scalars(scope.select(models.AdapterRevision)
                                .where(models.AdapterRevision.policy_id == policy.id)
                                .order_by(models.AdapterRevision.id.desc()))
-        data = [RevisionPublic(id=r.id, policy=policy.name, base_model=r.base_model_id, job_id=r.job_id, step=r.step,
-                               rank=r.rank, bytes=r.bytes, sha256=r.sha256, uri=r.uri,
-                               created_at=unix(r.created_at) or 0, handoff_seconds=r.handoff_seconds,
-                               serving=r.id == policy.serving_revision_id, manifest=r.manifest) for r in rows]
+        data = [revision_public(r, policy) for r in rows]
     return ListPage(data=data, last_id=data[-1].id if data else None)

@@ -83,7 +83,7 @@ def make_env(tmp_path: Path, tiny_moe_path: Path) -> Iterator[Callable[..., Trai
     engines = []
 
     def factory(**overrides: Any) -> TrainerEnv:
-        settings = Settings(data_dir=tmp_path / "lf", **overrides)
+        settings = Settings(**({"data_dir": tmp_path / "lf"} | overrides))
         bootstrap(settings)
         engine = make_engine(settings.resolved_database_url)
         engines.append(engine)
