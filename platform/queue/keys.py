@@ -58,3 +58,11 @@ class RedisKeys:
     def queue_group(self) -> str:
         """Consumer group name (not a key): every worker of every queue is in this group."""
         return f"{self.prefix}:workers"
+
+    # -- notification bus (platform/events/redis_bus.py) ---------------------------------
+    # Pub/sub channels share Redis's key namespace in name only (they hold no data), but they
+    # carry the deployment's prefix so two deployments on one Redis never hear each other.
+
+    def events_channel(self, topic: str) -> str:
+        """Pub/sub channel of one event topic (fire-and-forget: a subscriber that is away misses it)."""
+        return f"{self.prefix}:events:{validate_queue_name(topic)}"

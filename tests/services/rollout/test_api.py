@@ -1,0 +1,310 @@
+"""The rollout API and the database operations behind it, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from lorafleet.platform.db import TenantScope, make_engine, make_sessionmaker, models, transaction
+from lorafleet.platform.domain.errors import Conflict
+from lorafleet.platform.events import POLICY_POINTER_CHANGED, Event, make_event_bus, on_pointer_changed
+from lorafleet.services.rollout import request_rollout
+from tests.services.api.conftest import BASE_ID, Platform
+from tests.services.rollout.conftest import SeededPolicy, add_policy, add_replica
+
+Seeded = tuple[Platform, dict[str, str], SeededPolicy]
+
+
+def h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _rows(p: Platform, model: type[models.Base]) -> list[models.Base]:
+    engine = make_engine(p.settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            return list(s.scalars(select(model)))
+    finally:
+        engine.dispose()
+
+
+def test_create_get_and_list_rollouts(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    body = {"revision": pol.revisions[1], "smoke": {"prompt": "Say hi", "expect": "hi"}}
+    r = p.client.post("/v1/policies/chat/rollouts", json=body, headers=h(keys["train"]))
+    assert r.status_code == 201, r.text
+    ro = r.json()
+    assert ro["object"] == "policy.rollout" and ro["id"].startswith("ro-")
+    assert ro["state"] == "pending" and ro["policy"] == "chat"
+    assert ro["revision"] == pol.revisions[1] and ro["from_revision"] == pol.revisions[0]
+    assert ro["replicas"] == "all" and ro["targets"] == [] and ro["progress"] == []
+    assert ro["smoke"] == {"prompt": "Say hi", "expect": "hi", "max_tokens": 16}
+    got = p.client.get(f"/v1/policies/chat/rollouts/{ro['id']}", headers=h(keys["read"]))
+    assert got.status_code == 200 and got.json() == ro
+    listed = p.client.get("/v1/policies/chat/rollouts", headers=h(keys["read"])).json()
+    assert [x["id"] for x in listed["data"]] == [ro["id"]]
+    assert (
+        p.client.get("/v1/policies/chat/rollouts?status=serving", headers=h(keys["read"])).json()["data"]
+        == []
+    )
+    # creating a rollout does not move the pointer
+    assert (
+        p.client.get("/v1/policies/chat", headers=h(keys["read"])).json()["serving_revision"]
+        == pol.revisions[0]
+    )
+
+
+def test_one_active_rollout_per_policy(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    first = p.client.post(
+        "/v1/policies/chat/rollouts", json={"revision": pol.revisions[1]}, headers=h(keys["train"])
+    )
+    assert first.status_code == 201
+    second = p.client.post(
+        "/v1/policies/chat/rollouts", json={"revision": pol.revisions[2]}, headers=h(keys["train"])
+    )
+    assert second.status_code == 409
+    err = second.json()["error"]
+    assert err["code"] == "rollout_in_progress" and err["details"]["rollout"] == first.json()["id"]
+    cancelled = p.client.post(
+        f"/v1/policies/chat/rollouts/{first.json()['id']}/cancel", headers=h(keys["train"])
+    )
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    again = p.client.post(f"/v1/policies/chat/rollouts/{first.json()['id']}/cancel", headers=h(keys["train"]))
+    assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
+    third = p.client.post(
+        "/v1/policies/chat/rollouts", json={"revision": pol.revisions[2]}, headers=h(keys["train"])
+    )
+    assert third.status_code == 201
+
+
+def test_revision_must_belong_to_the_policy_and_tenant(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    sibling = add_policy(p, tenant="acme", name="sibling", revisions=1)
+    theirs = add_policy(p, tenant="other", name="chat", revisions=2)
+    cases = [
+        ("chat", {"revision": sibling.revisions[0]}, keys["train"], 404, "revision_not_found"),
+        ("chat", {"revision": "01nosuchrevision"}, keys["train"], 404, "revision_not_found"),
+        ("chat", {"revision": theirs.revisions[1]}, keys["train"], 404, "revision_not_found"),
+        ("nosuch", {"revision": pol.revisions[1]}, keys["train"], 404, "not_found"),
+        ("chat", {"revision": pol.revisions[0]}, keys["train"], 409, "revision_already_serving"),
+        ("chat", {"revision": pol.revisions[1]}, keys["read"], 403, "insufficient_scope"),
+        ("chat", {"revision": pol.revisions[1]}, keys["infer"], 403, "insufficient_scope"),
+        (
+            "chat",
+            {"revision": pol.revisions[1], "replicas": ["rep-nope"]},
+            keys["train"],
+            400,
+            "unknown_replica",
+        ),
+        (
+            "chat",
+            {"revision": pol.revisions[1], "replicas": {"count": 0}},
+            keys["train"],
+            422,
+            "invalid_request_schema",
+        ),
+        (
+            "chat",
+            {"revision": pol.revisions[1], "replicas": "some"},
+            keys["train"],
+            422,
+            "invalid_request_schema",
+        ),
+        (
+            "chat",
+            {"revision": pol.revisions[1], "smoke": {"prompt": "x", "temperature": 1}},
+            keys["train"],
+            422,
+            "invalid_request_schema",
+        ),
+        ("chat", {"revision": pol.revisions[1], "extra": 1}, keys["train"], 422, "invalid_request_schema"),
+    ]
+    for policy, body, key, status, code in cases:
+        r = p.client.post(f"/v1/policies/{policy}/rollouts", json=body, headers=h(key))
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (policy, body, r.text)
+    # the other tenant's own rollout works, and is invisible to acme (404, not 403)
+    r = p.client.post(
+        "/v1/policies/chat/rollouts", json={"revision": theirs.revisions[1]}, headers=h(keys["other"])
+    )
+    assert r.status_code == 201
+    foreign = r.json()["id"]
+    assert p.client.get(f"/v1/policies/chat/rollouts/{foreign}", headers=h(keys["read"])).status_code == 404
+    assert (
+        p.client.post(f"/v1/policies/chat/rollouts/{foreign}/cancel", headers=h(keys["train"])).status_code
+        == 404
+    )
+    assert p.client.get("/v1/policies/chat/rollouts", headers=h(keys["read"])).json()["data"] == []
+
+
+def test_named_replicas_must_be_serving_replicas_of_the_base(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    add_replica(p, "rep-a")
+    add_replica(p, "rep-trainer", role="trainer")
+    add_replica(p, "rep-otherbase", base="another-base")
+    for bad in (["rep-trainer"], ["rep-a", "rep-otherbase"], []):
+        r = p.client.post(
+            "/v1/policies/chat/rollouts",
+            json={"revision": pol.revisions[1], "replicas": bad},
+            headers=h(keys["train"]),
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_replica", bad
+    r = p.client.post(
+        "/v1/policies/chat/rollouts",
+        json={"revision": pol.revisions[1], "replicas": ["rep-a"]},
+        headers=h(keys["train"]),
+    )
+    assert r.status_code == 201 and r.json()["replicas"] == ["rep-a"]
+
+
+def test_rollback_flips_the_pointer_and_announces_it(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    got: queue.Queue[Event] = queue.Queue()
+    sub = make_event_bus(p.settings).subscribe(POLICY_POINTER_CHANGED, got.put)  # the bus the app uses
+    try:
+        r = p.client.post("/v1/policies/chat/rollback", json={}, headers=h(keys["train"]))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "no_previous_revision"
+        # a finished rollout to revisions[1], as the controller leaves it
+        engine = make_engine(p.settings.resolved_database_url)
+        with transaction(make_sessionmaker(engine)) as s:
+            policy = s.get(models.Policy, pol.id)
+            assert policy is not None
+            policy.previous_revision_id, policy.serving_revision_id = pol.revisions[0], pol.revisions[1]
+            s.add(
+                models.Rollout(
+                    id="ro-done",
+                    tenant_id=pol.tenant_id,
+                    policy_id=pol.id,
+                    revision_id=pol.revisions[1],
+                    from_revision_id=pol.revisions[0],
+                    state="serving",
+                    targets={},
+                    replica_states={},
+                )
+            )
+        engine.dispose()
+
+        r = p.client.post("/v1/policies/chat/rollback", json={}, headers=h(keys["train"]))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["from_revision"] == pol.revisions[1] and body["to_revision"] == pol.revisions[0]
+        assert body["policy"]["serving_revision"] == pol.revisions[0]
+        assert body["policy"]["previous_revision"] == pol.revisions[1]
+        assert body["rolled_back_rollout"] == "ro-done"
+        state = p.client.get("/v1/policies/chat/rollouts/ro-done", headers=h(keys["read"])).json()["state"]
+        assert state == "rolled_back"
+        event = got.get(timeout=5)
+        assert event.payload["policy"] == "chat" and event.payload["tenant_id"] == pol.tenant_id
+        assert event.payload["revision_id"] == pol.revisions[0] and event.payload["reason"] == "rollback"
+
+        # roll forward again by rolling "back" to the previous one; then to a named older revision
+        r = p.client.post("/v1/policies/chat/rollback", json={}, headers=h(keys["train"]))
+        assert r.json()["policy"]["serving_revision"] == pol.revisions[1]
+        r = p.client.post(
+            "/v1/policies/chat/rollback", json={"revision": pol.revisions[2]}, headers=h(keys["train"])
+        )
+        assert r.status_code == 200 and r.json()["policy"]["serving_revision"] == pol.revisions[2]
+        assert r.json()["policy"]["previous_revision"] == pol.revisions[1]
+        assert [got.get(timeout=5).payload["revision_id"] for _ in range(2)] == [
+            pol.revisions[1],
+            pol.revisions[2],
+        ]
+
+        for body_, key, status, code in [
+            ({"revision": pol.revisions[2]}, keys["train"], 409, "revision_already_serving"),
+            ({"revision": "01nosuch"}, keys["train"], 404, "revision_not_found"),
+            ({}, keys["read"], 403, "insufficient_scope"),
+            ({}, keys["other"], 404, "not_found"),
+        ]:
+            r = p.client.post("/v1/policies/chat/rollback", json=body_, headers=h(key))
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), body_
+    finally:
+        sub.close()
+
+
+def test_rollback_waits_for_an_active_rollout(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    r = p.client.post(
+        "/v1/policies/chat/rollback", json={"revision": pol.revisions[1]}, headers=h(keys["train"])
+    )
+    assert r.status_code == 200
+    started = p.client.post(
+        "/v1/policies/chat/rollouts", json={"revision": pol.revisions[2]}, headers=h(keys["train"])
+    )
+    r = p.client.post("/v1/policies/chat/rollback", json={}, headers=h(keys["train"]))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "rollout_in_progress"
+    assert r.json()["error"]["details"]["rollout"] == started.json()["id"]
+
+
+def test_request_rollout_for_auto_rollout_jobs(seeded: Seeded) -> None:
+    p, _, pol = seeded
+    sessions = make_sessionmaker(make_engine(p.settings.resolved_database_url))
+    with transaction(sessions) as s:  # already serving: nothing to do
+        assert request_rollout(s, pol.tenant_id, pol.id, pol.revisions[0], requested_by="job:j1") is None
+    with transaction(sessions) as s:
+        row = request_rollout(s, pol.tenant_id, pol.id, pol.revisions[1], requested_by="job:j2")
+        assert row is not None and row.state == "pending" and row.targets["requested_by"] == "job:j2"
+    with transaction(sessions) as s, pytest.raises(Conflict) as exc:
+        request_rollout(s, pol.tenant_id, pol.id, pol.revisions[2])
+    assert exc.value.code == "rollout_in_progress"
+    with sessions() as s:
+        assert TenantScope(s, pol.tenant_id).count(models.Rollout) == 1
+
+
+def test_concurrent_creates_admit_exactly_one(seeded: Seeded) -> None:
+    p, keys, pol = seeded
+    if not p.settings.resolved_database_url.startswith("postgresql"):
+        pytest.skip("SQLite serializes writers itself; the row lock matters on PostgreSQL")
+    barrier = threading.Barrier(4)
+    results: list[int] = []
+
+    def create(rev: str) -> None:
+        barrier.wait()
+        r = p.client.post("/v1/policies/chat/rollouts", json={"revision": rev}, headers=h(keys["train"]))
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=create, args=(pol.revisions[1 + i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [201, 409, 409, 409]
+    active = [r for r in _rows(p, models.Rollout) if r.state == "pending"]  # type: ignore[attr-defined]
+    assert len(active) == 1
+
+
+def test_pointer_event_invalidates_a_serving_resolver_at_once(seeded: Seeded) -> None:
+    """The replica-side hook: the serving resolver caches pointers for an hour here, yet the one
+    subscribed to ``policy_pointer_changed`` sees a rollback at once; one that is not stays stale."""
+    from lorafleet.services.serving.api.resolver import Resolver
+
+    p, keys, pol = seeded
+    sessions = make_sessionmaker(make_engine(p.settings.resolved_database_url))
+    listening = Resolver(sessions, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)
+    deaf = Resolver(sessions, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)
+    bus = make_event_bus(p.settings)  # the process's bus, which the API publishes on
+    sub = bus.subscribe(POLICY_POINTER_CHANGED, on_pointer_changed(listening.invalidate))
+    try:
+        for resolver in (listening, deaf):
+            target = resolver.resolve(pol.tenant_id, "chat")
+            assert target.adapter is not None and target.adapter.revision_id == pol.revisions[0]
+        r = p.client.post("/v1/policies/chat/rollback", json={"revision": pol.revisions[1]},
+                          headers=h(keys["train"]))
+        assert r.status_code == 200
+
+        def fresh() -> bool:
+            adapter = listening.resolve(pol.tenant_id, "chat").adapter
+            return adapter is not None and adapter.revision_id == pol.revisions[1]
+
+        deadline = time.monotonic() + 5
+        while not fresh():
+            assert time.monotonic() < deadline, "the pointer event did not reach the resolver"
+            time.sleep(0.01)
+        stale = deaf.resolve(pol.tenant_id, "chat").adapter
+        assert stale is not None and stale.revision_id == pol.revisions[0]
+    finally:
+        sub.close()
