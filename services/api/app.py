@@ -11,12 +11,12 @@ from fastapi import FastAPI, Request, Response
 from lorafleet.platform import metrics as m
 from lorafleet.platform.config import Settings
 from lorafleet.services.api import errors
-from lorafleet.services.api.routes import admin, files, health, jobs, models, policies
+from lorafleet.services.api.routes import adapters, admin, files, health, jobs, models, policies, rollouts, ui
 from lorafleet.services.api.routes import metrics as metrics_route
 from lorafleet.services.api.state import ApiState
 
 ROUTERS = (health.router, files.router, jobs.router, models.router, policies.router, admin.router,
-           metrics_route.router)
+           metrics_route.router, rollouts.router, ui.router, adapters.router)
 
 
 def create_app(settings: Settings, *, state: ApiState | None = None,
