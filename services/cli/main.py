@@ -24,6 +24,8 @@ app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 models_app = typer.Typer(no_args_is_help=True, help="Base models.")
 app.add_typer(models_app, name="models")
+policies_app = typer.Typer(no_args_is_help=True, help="Policies: roll revisions out and back.")
+app.add_typer(policies_app, name="policies")
 console = Console()
 
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="LORAFLEET_API_URL", help="Control-plane URL.")]
@@ -162,6 +164,56 @@ def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker.run_forever(stop)
+
+
+@app.command("rollout-controller")
+def rollout_controller() -> None:
+    """Run the rollout controller alone (several may run; each rollout is driven by one at a time)."""
+    from lorafleet.services.rollout import run_controller
+
+    run_controller(load_settings())
+
+
+@policies_app.command("rollout")
+def policies_rollout(
+    policy: str,
+    revision: Annotated[str, typer.Option(help="The revision to expose.")],
+    replicas: Annotated[str | None, typer.Option(help="all, a count, or comma-separated replica ids")] = None,
+    smoke_prompt: Annotated[str | None, typer.Option(help="A prompt each replica must answer first")] = None,
+    expect: Annotated[str | None, typer.Option(help="Text the smoke answer must contain")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the rollout until it ends")] = True,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Warm a revision on the serving replicas, then expose it."""
+    from lorafleet.services.rollout import cli as rollout_cli
+
+    client = _client(api_url, api_key)
+    view = rollout_cli.start_rollout(client, policy=policy, revision=revision, replicas=replicas,
+                                     smoke_prompt=smoke_prompt, expect=expect)
+    if wait:
+        view = rollout_cli.wait_rollout(client, policy=policy, rollout_id=view["id"],
+                                        on_update=lambda v: console.print(f"{v['id']}: {v['state']}"))
+    _print_json(view)
+    if view["state"] in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+@policies_app.command("rollback")
+def policies_rollback(policy: str, revision: Annotated[str | None, typer.Option()] = None,
+                      api_url: ApiUrl = DEFAULT_URL, api_key: ApiKeyOpt = None) -> None:
+    """Point the policy back at its previous (or a named) revision: no load, instant."""
+    from lorafleet.services.rollout import cli as rollout_cli
+
+    _print_json(rollout_cli.rollback(_client(api_url, api_key), policy=policy, revision=revision))
+
+
+@policies_app.command("status")
+def policies_status(policy: str, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKeyOpt = None) -> None:
+    """The policy's serving and previous revision and its latest rollouts."""
+    from lorafleet.services.rollout import cli as rollout_cli
+
+    _print_json(rollout_cli.status(_client(api_url, api_key), policy=policy))
 
 
 @keys_app.command("create")

@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lorafleet.platform.db import models, transaction
 from lorafleet.platform.db.policies import add_revision, get_or_create_policy
 from lorafleet.platform.domain.enums import JobStatus
+from lorafleet.platform.domain.errors import Conflict
 from lorafleet.platform.domain.ids import new_id, new_ulid
+from lorafleet.platform.rollouts.requests import request_rollout
 
 
 @dataclass(frozen=True)
@@ -160,4 +162,19 @@ class JobLedger:
             self._event(s, row, f"exported revision {revision.id} of policy {policy.name} "
                         f"(handoff {handoff_seconds:.3f}s)", type="status",
                         data={"status": "succeeded", "revision": revision.id, "handoff_seconds": handoff_seconds})
+            if job.auto_rollout:
+                self._auto_rollout(s, row, policy_id=policy.id, revision_id=revision.id)
             return revision
+
+    def _auto_rollout(self, session: Session, job: models.Job, *, policy_id: str, revision_id: str) -> None:
+        """Ask for a rollout of the new revision; a rollout already in progress is recorded, not queued."""
+        try:
+            with session.begin_nested():
+                rollout = request_rollout(session, job.tenant_id, policy_id, revision_id,
+                                          requested_by=f"job:{job.id}")
+        except Conflict as exc:
+            self._event(session, job, f"auto rollout not started: {exc.message}", level="warning",
+                        data={"code": exc.code})
+            return
+        if rollout is not None:
+            self._event(session, job, f"auto rollout {rollout.id} requested", data={"rollout": rollout.id})

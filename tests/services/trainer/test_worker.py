@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -189,3 +188,19 @@ def test_spec_of_tiny_moe_is_a_moe(tiny_moe_path: Path) -> None:
     assert spec.is_moe and spec.num_experts >= 8
     params = new_adapter_params(spec, LoraConfig(), seed=0)
     assert any(k.startswith("layers.0.mlp.experts.") for k in params.keys())
+
+
+def test_auto_rollout_requests_a_rollout_of_a_later_revision(env: TrainerEnv) -> None:
+    hp = {"type": "supervised", "hyperparameters": {"n_epochs": 1, "batch_size": 6}}
+    files = env.upload(ROWS)
+    first = env.create_job(training_file=files, policy="auto", method=hp, auto_rollout=True)
+    env.run_until_done(env.worker(), [first], timeout=60)
+    second = env.create_job(training_file=files, policy="auto", method=hp, auto_rollout=True)
+    env.run_until_done(env.worker(), [second], timeout=60)
+    with env.sessions() as s:
+        rollouts = list(s.scalars(select(models.Rollout)))
+        policy = s.scalars(select(models.Policy).where(models.Policy.name == "auto")).one()
+    # the first revision served at once (nothing to protect); the second waits for its rollout
+    assert policy.serving_revision_id == env.job(first).result_revision_id
+    assert [(r.revision_id, r.state) for r in rollouts] == [(env.job(second).result_revision_id, "pending")]
+    assert any("auto rollout" in e.message for e in env.events(second))
