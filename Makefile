@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv up test test-all services tools lint bench clean
+.PHONY: venv up test test-all test-model services tools lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,10 +26,16 @@ services:
 tools:
 	bash scripts/install-test-tools.sh
 
-test: venv services tools
+# the built-in base the tests train and serve on, built once (cached by seed and recipe) before
+# pytest starts so no single test pays for it
+test-model: venv
+	$(PY) -c "from pathlib import Path; from lorafleet.platform.modeling.tiny_moe import build_tiny_moe; \
+	p = build_tiny_moe(Path('.lorafleet/test-models')); print('tiny-moe ready:', p)"
+
+test: venv services tools test-model
 	$(PY) -m pytest -m "not vllm and not gpu" $(PYTEST_ARGS)
 
-test-all: venv services tools
+test-all: venv services tools test-model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -75,26 +75,45 @@ def api(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int 
 
 @app.command()
 def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int | None, typer.Option()] = None) -> None:
-    """Run the whole platform in one process on its embedded defaults (SQLite, local object store)."""
+    """Run the whole platform in one process on its embedded defaults (SQLite, local object store):
+    the control plane, a trainer, a serving replica on the same port, and the rollout controller."""
     import uvicorn
 
     from lorafleet.services.api import bootstrap, create_app
-
+    from lorafleet.services.api.state import ApiState
+    from lorafleet.services.rollout import start_background as start_controller
+    from lorafleet.services.serving.replica import build_serving
     from lorafleet.services.trainer.worker import TrainerWorker
 
-    settings = load_settings()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = load_settings(**overrides)
     secret = bootstrap(settings)
     ensure_tiny_moe(settings)
     _announce_key(settings, secret)
     if not secret:
         console.print(f"Admin API key: {settings.admin_key_path}")
-    thread, stop = TrainerWorker(settings).start_background()
+    state = ApiState.create(settings)
+    replica = build_serving(settings, sessions=state.sessions, store=state.store)
+    trainer_thread, trainer_stop = TrainerWorker(settings, sessions=state.sessions, store=state.store,
+                                                 queue=state.queue).start_background()
+    controller_thread, controller_stop = start_controller(settings)
     try:
-        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                    log_level=settings.log_level.lower())
+        uvicorn.run(create_app(settings, state=state, extra_routers=replica.routers), host=settings.host,
+                    port=settings.port, log_level=settings.log_level.lower())
     finally:
-        stop.set()
-        thread.join(timeout=30)
+        trainer_stop.set()
+        controller_stop()
+        trainer_thread.join(timeout=30)
+        controller_thread.join(timeout=30)
+        state.close()
+
+
+@app.command()
+def serve() -> None:
+    """Run one serving replica alone (run `lorafleet migrate` first; replicas never migrate)."""
+    from lorafleet.services.serving.replica import run_serving
+
+    run_serving(load_settings())
 
 
 def ensure_tiny_moe(settings: Settings) -> None:

@@ -36,7 +36,7 @@ def test_sft_lowers_held_out_loss_and_changes_generations(env: TrainerEnv, tiny_
     valid = env.upload([_chat(p, PIRATE) for p in HELD_OUT])
     job_id = env.create_job(training_file=train, validation_file=valid, policy="pirate", seed=1,
                             method={"type": "supervised", "hyperparameters": {
-                                "n_epochs": 6, "batch_size": 8, "learning_rate": 0.02}})
+                                "n_epochs": 10, "batch_size": 8, "learning_rate": 0.005}})
     env.run_until_done(env.worker(), [job_id])
     job = env.job(job_id)
     assert job.status == "succeeded", job.error
@@ -58,7 +58,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(env: TrainerEnv) -> None:
     rows = [{"prompt": p, "chosen": "blue", "rejected": "red"} for p in COLOR_PICK_PROMPTS]
     job_id = env.create_job(training_file=env.upload(rows), policy="likes-blue", seed=2,
                             method={"type": "dpo", "hyperparameters": {"n_epochs": 8, "batch_size": 6,
-                                                                        "learning_rate": 0.02, "beta": 0.1}})
+                                                                        "learning_rate": 0.005, "beta": 0.1}})
     env.run_until_done(env.worker(), [job_id])
     assert env.job(job_id).status == "succeeded"
     margins = [e.data["margin"] for e in env.events(job_id) if e.type == "metrics"]
@@ -72,7 +72,7 @@ def test_grpo_raises_reward_on_the_demo_task(env: TrainerEnv, tiny_moe_path: Pat
     rows = [{"prompt": p, "answer": RL_DEMO_TARGET} for p in COLOR_PICK_PROMPTS]
     job_id = env.create_job(training_file=env.upload(rows), policy="purple", seed=3, method={
         "type": "reinforcement", "grader": {"type": "string_check", "operation": "eq"},
-        "hyperparameters": {"steps": 30, "prompts_per_step": 6, "group_size": 8, "learning_rate": 0.03,
+        "hyperparameters": {"steps": 30, "prompts_per_step": 6, "group_size": 8, "learning_rate": 0.01,
                             "max_new_tokens": 4, "temperature": 1.0}})
     env.run_until_done(env.worker(), [job_id], timeout=600)
     assert env.job(job_id).status == "succeeded", env.job(job_id).error

@@ -1,0 +1,138 @@
+"""The replica agent: registers this serving replica in the database and heartbeats what it holds.
+
+On start it upserts a ``replicas`` row (role ``serving``, base model, address, capacity), then
+every ``heartbeat_seconds`` writes ``heartbeat_at`` and ``resident`` (the engine's adapters per
+tier, see :class:`ResidentReport`). Warm and evict requests :meth:`poke` it so the new residency
+is in the database at once rather than a period later. A heartbeat that finds its row gone
+(an operator or a sweeper removed a replica it thought dead) writes it again. On stop the row
+is marked ``down``, so routers stop sending traffic before the heartbeat would have gone stale.
+
+The database work is blocking and runs in a worker thread; the loop itself is an asyncio task
+on the serving event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lorafleet.platform.db import models, transaction
+from lorafleet.platform.domain.enums import ReplicaRole
+from lorafleet.services.serving.engine.base import Engine, ResidentAdapter, Tier
+
+log = logging.getLogger(__name__)
+
+STATE_UP = "up"
+STATE_DOWN = "down"
+
+
+class ResidentEntry(BaseModel):
+    # Observed state, read by other processes of possibly other versions: unknown fields ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    revision_id: str
+    bytes: int
+    pinned: bool = False
+    in_flight: int = 0
+
+
+class ResidentReport(BaseModel):
+    """The ``replicas.resident`` column: adapters per tier, as of the last heartbeat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tiers: dict[str, list[ResidentEntry]] = {}
+
+    @classmethod
+    def of(cls, adapters: list[ResidentAdapter]) -> ResidentReport:
+        tiers: dict[str, list[ResidentEntry]] = {t.value: [] for t in Tier}
+        for a in sorted(adapters, key=lambda a: a.revision_id):
+            tiers[a.tier.value].append(
+                ResidentEntry(revision_id=a.revision_id, bytes=a.bytes, pinned=a.pinned, in_flight=a.in_flight)
+            )
+        return cls(tiers=tiers)
+
+    def holds(self, revision_id: str, tier: Tier) -> bool:
+        return any(e.revision_id == revision_id for e in self.tiers.get(tier.value, []))
+
+
+class ReplicaAgent:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        engine: Engine,
+        replica_id: str,
+        address: str,
+        capacity: dict[str, Any],
+        heartbeat_seconds: float = 5.0,
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.replica_id = replica_id
+        self.address = address
+        self.capacity = capacity
+        self.heartbeat_seconds = heartbeat_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register (raising if the database is unreachable: a replica nobody can find is useless),
+        then heartbeat in the background."""
+        await anyio.to_thread.run_sync(self._write, STATE_UP, self.report())
+        self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self.replica_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await anyio.to_thread.run_sync(self._write, STATE_DOWN, self.report())
+        except SQLAlchemyError as exc:  # shutting down anyway; the stale heartbeat tells the rest
+            log.warning("could not mark replica %s down: %s", self.replica_id, exc)
+
+    def poke(self) -> None:
+        """Heartbeat now (after a warm or an evict) instead of at the next period."""
+        self._wake.set()
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def report(self) -> ResidentReport:
+        # The resident-adapter gauges are the engine's to keep (it knows every change, not only
+        # the ones a heartbeat samples).
+        return ResidentReport.of(self.engine.resident())
+
+    async def heartbeat(self) -> None:
+        await anyio.to_thread.run_sync(self._write, STATE_UP, self.report())
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_seconds)
+            self._wake.clear()
+            try:
+                await self.heartbeat()
+            except SQLAlchemyError as exc:  # the database blinked: the next beat tries again
+                log.warning("heartbeat of replica %s failed: %s", self.replica_id, exc)
+
+    def _write(self, state: str, report: ResidentReport) -> None:
+        with transaction(self.sessions) as session:
+            row = session.get(models.Replica, self.replica_id)
+            if row is None:
+                row = models.Replica(id=self.replica_id, role=ReplicaRole.SERVING.value, started_at=models.utcnow())
+                session.add(row)
+            row.base_model_id = self.engine.base_model_id
+            row.address = self.address
+            row.capacity = self.capacity
+            row.resident = report.model_dump(mode="json")
+            row.state = state
+            row.heartbeat_at = models.utcnow()
