@@ -170,14 +170,19 @@ def models_register(
 
 
 @app.command()
-def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4) -> None:
+def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4,
+            probes: Annotated[bool, typer.Option(help="Serve /healthz, /readyz, /metrics on the port")] = True
+            ) -> None:
     """Run a training worker alone: claims jobs from the queue until interrupted."""
     import signal
     import threading
 
+    from lorafleet.services.cli.probes import start_probe_server
     from lorafleet.services.trainer.worker import TrainerWorker
 
     settings = load_settings()
+    if probes:
+        start_probe_server(settings, role="trainer")
     worker = TrainerWorker(settings, max_concurrent_jobs=max_concurrent_jobs)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -187,10 +192,14 @@ def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4) -> None:
 
 @app.command("rollout-controller")
 def rollout_controller() -> None:
-    """Run the rollout controller alone (several may run; each rollout is driven by one at a time)."""
+    """Run the rollout controller alone (several may run; each rollout is driven by one at a time).
+    /healthz, /readyz and /metrics are served on the port."""
+    from lorafleet.services.cli.probes import start_probe_server
     from lorafleet.services.rollout import run_controller
 
-    run_controller(load_settings())
+    settings = load_settings()
+    start_probe_server(settings, role="rollout-controller")
+    run_controller(settings)
 
 
 @policies_app.command("rollout")
