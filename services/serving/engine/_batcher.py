@@ -187,7 +187,6 @@ class Batcher:
                 self._finish(command[1], RowEvent(token=None, finish="abort"))
 
     def _step(self) -> None:
-        now = time.perf_counter()
         decode = list(self._decoding)
         if decode:
             logits = self.model.step(
@@ -197,16 +196,19 @@ class Batcher:
                 lora=self._lora([r.adapter_slot for r in decode]),
                 last_only=True,
             )  # [B, V]
-            for row, token in zip(decode, choose_tokens(logits, [r.sampling for r in decode]), strict=True):
+            tokens = choose_tokens(logits, [r.sampling for r in decode])
+            now = time.perf_counter()
+            for row, token in zip(decode, tokens, strict=True):
                 self._advance(row, token, now)
         prefill, counts = self._plan_prefill()
         if prefill:
             width = max(counts)
-            ids = torch.zeros((len(prefill), width), dtype=torch.long)  # [B, T], right padding
-            for i, (row, n) in enumerate(zip(prefill, counts, strict=True)):
-                ids[i, :n] = torch.tensor(row.prompt[row.prefilled : row.prefilled + n])
+            chunks = [
+                row.prompt[row.prefilled : row.prefilled + n] + [0] * (width - n)
+                for row, n in zip(prefill, counts, strict=True)
+            ]
             logits = self.model.step(
-                ids.to(self.model.device),
+                torch.tensor(chunks, device=self.model.device),  # [B, T], right padding
                 cache=self.cache,
                 slots=[r.kv_slot for r in prefill],
                 num_tokens=counts,
@@ -218,11 +220,12 @@ class Batcher:
             ready = [i for i, r in enumerate(prefill) if r.prefilled == len(r.prompt)]
             if ready:
                 tokens = choose_tokens(logits[ready], [prefill[i].sampling for i in ready])
+                now = time.perf_counter()
                 for i, token in zip(ready, tokens, strict=True):
                     row = prefill[i]
                     self._prefilling.remove(row)
                     self._decoding.append(row)
-                    self._advance(row, token, time.perf_counter())
+                    self._advance(row, token, now)
             metrics.PROMPT_TOKENS.inc(sum(counts))
         rows = decode + prefill
         metrics.BATCH_SIZE.observe(len(rows))
@@ -307,7 +310,10 @@ class Batcher:
                 pass  # that loop is closed: its requests are gone, nobody reads these events
 
     def _shutdown(self) -> None:
-        error = Unavailable("the engine stopped", code="engine_not_running", retry_after=5.0)
+        if self.failure is None:
+            error = Unavailable("the engine stopped", code="engine_not_running", retry_after=5.0)
+        else:
+            error = Unavailable(f"the engine failed: {self.failure!r}", code="engine_failed", retry_after=5.0)
         for row in [*self._waiting, *self._prefilling, *self._decoding]:
             self._finish(row, RowEvent(token=None, finish="abort", error=error))
         while True:

@@ -76,11 +76,15 @@ class GenerationChunk:
     """One streamed increment. The last chunk of a request has ``finish_reason`` set."""
 
     token_ids: list[int]
+    """Tokens generated since the previous chunk; the stop token or EOS that ended generation is
+    included (and counted) but never rendered in ``text``."""
     text: str
-    """Decoded text delta (stop strings already cut out)."""
+    """Decoded text delta (stop strings already cut out). May be empty while text that could be
+    the start of a stop string, or of a multi-byte character, is held back."""
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    """Running totals: the last chunk's are the request's usage."""
     adapter_wait_seconds: float = 0.0
     """On the first chunk: how long this request waited for its own adapter to load."""
 

@@ -104,6 +104,10 @@ class AdapterTiers:
         start = time.perf_counter()
         with self._lock:
             self._policy.begin_use(rid)
+            if rid in self._device_ready:  # the common case: no wait at all
+                slot = self._policy.assign_device(rid)  # refreshes recency; a resident revision keeps its slot
+                if slot is not None:
+                    return Acquired(slot=slot, waited_seconds=0.0)
         try:
             stages = await self._ensure_host(adapter, deadline=start + self.wait_seconds)
             slot, install = await self._ensure_device(rid, deadline=start + self.wait_seconds)
@@ -283,27 +287,28 @@ class AdapterTiers:
     async def _ensure_device(self, rid: str, *, deadline: float) -> tuple[int, float | None]:
         """(slot, install seconds when this caller installed it)."""
         while True:
+            waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+            install: concurrent.futures.Future[None] | None = None
+            leader = False
             with self._lock:
                 if rid not in self._host:
                     raise InvalidRequest(f"revision {rid} is not in host memory", code="adapter_not_in_host")
                 slot = self._policy.assign_device(rid)
-                if slot is not None:
-                    if rid in self._device_ready:
-                        return slot, None
-                    install = self._installs.get(rid)
-                    leader = install is None
-                    if install is None:
-                        install = self._start_install(rid, slot)
-                else:
-                    waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+                if slot is None:
                     self._waiters.append(waiter)
-            if slot is not None:
+                elif rid in self._device_ready:
+                    return slot, None
+                else:
+                    install = self._installs.get(rid)
+                    if install is None:
+                        install, leader = self._start_install(rid, slot), True
+            if slot is not None and install is not None:
                 start = time.perf_counter()
                 await asyncio.shield(asyncio.wrap_future(install))
                 return slot, (time.perf_counter() - start if leader else None)
-            remaining = deadline - time.perf_counter()
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), timeout=max(0.0, remaining))
+                timeout = max(0.0, deadline - time.perf_counter())
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), timeout=timeout)
             except TimeoutError:
                 raise Unavailable(
                     f"all {self._policy.max_device_slots} device adapter slots are held by adapters in use; "

@@ -99,7 +99,8 @@ def test_host_budget_full_of_in_use_adapters_refuses_without_evicting(
     prompt = prompts(serving_base, 1)[0]
 
     async def main() -> None:
-        running = engine.generate(request(prompt, a.handle, SamplingOptions(max_tokens=4000, temperature=0.0, ignore_eos=True)))
+        endless = SamplingOptions(max_tokens=4000, temperature=0.0, ignore_eos=True)
+        running = engine.generate(request(prompt, a.handle, endless))
         await running.__anext__()
         with pytest.raises(Unavailable) as info:
             await collect(engine, request(prompt, b.handle))
@@ -150,7 +151,7 @@ def test_load_pin_unpin_evict(
         assert state[a.handle.revision_id].tier == Tier.DEVICE and state[a.handle.revision_id].pinned
         # A warmed revision costs its first request no load time.
         out = await collect(engine, request(prompt, a.handle))
-        assert out[0].adapter_wait_seconds < 0.05
+        assert out[0].adapter_wait_seconds == 0.0
         # The pinned revision holds the only slot: b can reach host memory but not the device...
         await engine.load(b.handle, tier=Tier.HOST)
         engine.tiers.wait_seconds = 0.2
@@ -164,7 +165,8 @@ def test_load_pin_unpin_evict(
         await engine.evict(b.handle.revision_id)
         await engine.load(c.handle, tier=Tier.HOST)
         state = {r.revision_id: r.tier for r in engine.resident()}
-        assert state == {a.handle.revision_id: Tier.HOST, b.handle.revision_id: Tier.DISK, c.handle.revision_id: Tier.HOST}
+        expected = {a.handle.revision_id: Tier.HOST, b.handle.revision_id: Tier.DISK, c.handle.revision_id: Tier.HOST}
+        assert state == expected
         metrics_device = metrics.REGISTRY.get_sample_value(
             "lorafleet_resident_adapters", {"replica": "local", "tier": "device"}
         )
