@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select
 
 from lorafleet.platform import metrics as m
-from lorafleet.platform.db import models
-from lorafleet.platform.domain.enums import JobStatus
+from lorafleet.platform.metrics import fleet
 from lorafleet.services.api.deps import StateDep
 from lorafleet.services.api.state import JOBS_QUEUE
 
@@ -17,14 +13,11 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(state: StateDep) -> Response:
-    """Prometheus text format. Job gauges are read from the database at scrape time."""
-    with state.tx() as session:
-        counts = dict(session.execute(select(models.Job.status, func.count()).group_by(models.Job.status)).all())
-        oldest = session.scalar(select(func.min(models.Job.created_at)).where(models.Job.status == JobStatus.QUEUED))
-    for status in JobStatus:
-        m.JOBS.labels(state=status.value).set(counts.get(status.value, 0))
-    if oldest is not None and oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=UTC)
-    m.QUEUE_OLDEST_AGE.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
-    m.QUEUE_DEPTH.labels(queue=JOBS_QUEUE).set(state.queue.depth(JOBS_QUEUE))
-    return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format. Jobs, rollouts and replica heartbeat ages are read from the database
+    at scrape time (platform/metrics/fleet.py), so they hold even when the process they describe died."""
+    with fleet.refresh_lock:
+        with state.tx() as session:
+            fleet.refresh_from_database(session)
+        m.QUEUE_DEPTH.labels(queue=JOBS_QUEUE).set(state.queue.depth(JOBS_QUEUE))
+        body = generate_latest(m.REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
