@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lorafleet.adapters_store.objectstore import _integrity
 from lorafleet.adapters_store.objectstore._keys import validate_key, validate_prefix
+from lorafleet.adapters_store.objectstore._metrics import counts_failures
 from lorafleet.adapters_store.objectstore.base import ObjectInfo
 from lorafleet.platform.domain.errors import (
     Conflict,
@@ -72,13 +73,16 @@ class LocalObjectStore:
 
     # -- writes --------------------------------------------------------------------------
 
+    @counts_failures("put")
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
         return self.put_stream(key, io.BytesIO(data), if_absent=if_absent)
 
+    @counts_failures("put")
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo:
         with Path(path).open("rb") as fh:
             return self.put_stream(key, fh, if_absent=if_absent)
 
+    @counts_failures("put")
     def put_stream(self, key: str, stream: BinaryIO, *, if_absent: bool = False) -> ObjectInfo:
         directory, leaf = self._locate(key)
         directory.mkdir(parents=True, exist_ok=True)
@@ -131,6 +135,7 @@ class LocalObjectStore:
             os.fsync(out.fileno())
         return digest.hexdigest(), size
 
+    @counts_failures("delete")
     def delete(self, key: str) -> None:
         directory, leaf = self._locate(key)
         meta_path = directory / f"{leaf}{_META_SUFFIX}"
@@ -151,6 +156,7 @@ class LocalObjectStore:
 
     # -- reads ---------------------------------------------------------------------------
 
+    @counts_failures("get")
     def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
         sidecar, fh = self._open(key)
         with fh:
@@ -160,6 +166,7 @@ class LocalObjectStore:
                              actual_size=len(data), actual_sha256=hashlib.sha256(data).hexdigest())
         return data
 
+    @counts_failures("get")
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
             raise InvalidRequest("a range needs start >= 0 and length >= 0", code="invalid_range")
@@ -174,6 +181,7 @@ class LocalObjectStore:
             fh.seek(start)
             return fh.read(length)
 
+    @counts_failures("get")
     def download(self, key: str, path: Path, *, verify: bool = True) -> ObjectInfo:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +205,7 @@ class LocalObjectStore:
             tmp.unlink(missing_ok=True)
         return ObjectInfo(key=key, size=sidecar.size, sha256=sidecar.sha256)
 
+    @counts_failures("head")
     def head(self, key: str) -> ObjectInfo:
         directory, leaf = self._locate(key)
         sidecar = self._read_sidecar(directory / f"{leaf}{_META_SUFFIX}")
@@ -204,10 +213,12 @@ class LocalObjectStore:
             raise NotFound(f"object {key!r} does not exist", code="object_not_found", param="key")
         return ObjectInfo(key=key, size=sidecar.size, sha256=sidecar.sha256)
 
+    @counts_failures("head")
     def exists(self, key: str) -> bool:
         directory, leaf = self._locate(key)
         return (directory / f"{leaf}{_META_SUFFIX}").is_file()
 
+    @counts_failures("list")
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
         head_dir, _, _ = prefix.rpartition("/")
@@ -229,6 +240,7 @@ class LocalObjectStore:
             if sidecar is not None:  # deleted while we listed
                 yield ObjectInfo(key=key, size=sidecar.size, sha256=sidecar.sha256)
 
+    @counts_failures("ping")
     def ping(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise Unavailable(f"local object store {self.root} is not a writable directory",

@@ -38,6 +38,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from lorafleet.adapters_store.objectstore import _integrity
 from lorafleet.adapters_store.objectstore._keys import validate_key, validate_prefix
+from lorafleet.adapters_store.objectstore._metrics import counts_failures
 from lorafleet.adapters_store.objectstore.base import ObjectInfo
 from lorafleet.platform.domain.errors import (
     Conflict,
@@ -149,17 +150,20 @@ class S3ObjectStore:
 
     # -- writes --------------------------------------------------------------------------
 
+    @counts_failures("put")
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
         validate_key(key)
         sha256 = hashlib.sha256(data).hexdigest()
         return self._put(key, io.BytesIO(data), size=len(data), sha256=sha256, if_absent=if_absent)
 
+    @counts_failures("put")
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo:
         validate_key(key)
         sha256, size = _integrity.sha256_of_file(Path(path))
         with Path(path).open("rb") as fh:
             return self._put(key, fh, size=size, sha256=sha256, if_absent=if_absent)
 
+    @counts_failures("put")
     def put_stream(self, key: str, stream: BinaryIO, *, if_absent: bool = False) -> ObjectInfo:
         validate_key(key)
         # The sha256 goes into the object's metadata, which S3 takes when the upload starts,
@@ -192,12 +196,14 @@ class S3ObjectStore:
         self._call(attempt, key=key)
         return ObjectInfo(key=key, size=size, sha256=sha256)
 
+    @counts_failures("delete")
     def delete(self, key: str) -> None:
         validate_key(key)
         self._call(lambda: self._client.delete_object(Bucket=self.bucket, Key=key), key=key)
 
     # -- reads ---------------------------------------------------------------------------
 
+    @counts_failures("get")
     def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
         validate_key(key)
 
@@ -214,6 +220,7 @@ class S3ObjectStore:
                              actual_size=len(data), actual_sha256=hashlib.sha256(data).hexdigest())
         return data
 
+    @counts_failures("get")
     def get_range(self, key: str, start: int, length: int) -> bytes:
         validate_key(key)
         if start < 0 or length < 0:
@@ -230,6 +237,7 @@ class S3ObjectStore:
 
         return self._call(attempt, key=key)
 
+    @counts_failures("get")
     def download(self, key: str, path: Path, *, verify: bool = True) -> ObjectInfo:
         validate_key(key)
         response = self._call(lambda: self._client.head_object(Bucket=self.bucket, Key=key), key=key)
@@ -289,11 +297,13 @@ class S3ObjectStore:
 
         return fetch
 
+    @counts_failures("head")
     def head(self, key: str) -> ObjectInfo:
         validate_key(key)
         response = self._call(lambda: self._client.head_object(Bucket=self.bucket, Key=key), key=key)
         return ObjectInfo(key=key, size=int(response["ContentLength"]), sha256=self._recorded(response)[1])
 
+    @counts_failures("head")
     def exists(self, key: str) -> bool:
         try:
             self.head(key)
@@ -301,6 +311,7 @@ class S3ObjectStore:
             return False
         return True
 
+    @counts_failures("list")
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
         token: str | None = None
@@ -327,6 +338,7 @@ class S3ObjectStore:
             return None
         return ObjectInfo(key=key, size=int(response["ContentLength"]), sha256=self._recorded(response)[1])
 
+    @counts_failures("ping")
     def ping(self) -> None:
         # One attempt: a health check reports the state now, it does not wait it out.
         try:
