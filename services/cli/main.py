@@ -79,8 +79,10 @@ def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int |
     the control plane, a trainer, a serving replica on the same port, and the rollout controller."""
     import uvicorn
 
+    from lorafleet.platform.domain.enums import ReplicaRole
     from lorafleet.services.api import bootstrap, create_app
     from lorafleet.services.api.state import ApiState
+    from lorafleet.services.cli._heartbeat import start_heartbeat
     from lorafleet.services.rollout import start_background as start_controller
     from lorafleet.services.serving.replica import build_serving
     from lorafleet.services.trainer.worker import TrainerWorker
@@ -94,8 +96,11 @@ def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int |
         console.print(f"Admin API key: {settings.admin_key_path}")
     state = ApiState.create(settings)
     replica = build_serving(settings, sessions=state.sessions, store=state.store)
-    trainer_thread, trainer_stop = TrainerWorker(settings, sessions=state.sessions, store=state.store,
-                                                 queue=state.queue).start_background()
+    trainer = TrainerWorker(settings, sessions=state.sessions, store=state.store, queue=state.queue)
+    trainer_thread, trainer_stop = trainer.start_background()
+    trainer_beats = start_heartbeat(state.sessions, replica_id=trainer.worker_id, role=ReplicaRole.TRAINER.value,
+                                    alive=trainer_thread.is_alive, stop=trainer_stop,
+                                    capacity={"max_concurrent_jobs": trainer.max_concurrent_jobs})
     controller_thread, controller_stop = start_controller(settings)
     try:
         uvicorn.run(create_app(settings, state=state, extra_routers=replica.routers), host=settings.host,
@@ -104,6 +109,7 @@ def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int |
         trainer_stop.set()
         controller_stop()
         trainer_thread.join(timeout=30)
+        trainer_beats.join(timeout=10)
         controller_thread.join(timeout=30)
         state.close()
 
@@ -175,8 +181,9 @@ def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4,
             ) -> None:
     """Run a training worker alone: claims jobs from the queue until interrupted."""
     import signal
-    import threading
 
+    from lorafleet.platform.domain.enums import ReplicaRole
+    from lorafleet.services.cli._heartbeat import start_heartbeat
     from lorafleet.services.cli.probes import start_probe_server
     from lorafleet.services.trainer.worker import TrainerWorker
 
@@ -184,10 +191,17 @@ def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4,
     if probes:
         start_probe_server(settings, role="trainer")
     worker = TrainerWorker(settings, max_concurrent_jobs=max_concurrent_jobs)
-    stop = threading.Event()
+    thread, stop = worker.start_background()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    worker.run_forever(stop)
+    beats = start_heartbeat(worker.sessions, replica_id=worker.worker_id, role=ReplicaRole.TRAINER.value,
+                            alive=thread.is_alive, stop=stop,
+                            capacity={"max_concurrent_jobs": max_concurrent_jobs})
+    while thread.is_alive():
+        thread.join(timeout=1.0)  # a bounded join keeps the signal handlers running
+    beats.join(timeout=10)
+    if not stop.is_set():
+        raise typer.Exit(1)  # the worker thread died: let the pod restart
 
 
 @app.command("rollout-controller")
