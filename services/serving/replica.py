@@ -31,9 +31,11 @@ from lorafleet.platform.db import make_engine, make_sessionmaker, models
 from lorafleet.platform.domain.architecture import ArchitectureSpec
 from lorafleet.platform.domain.errors import InvalidRequest, NotFound
 from lorafleet.platform.domain.ids import new_id
+from lorafleet.platform.events import event_backend, make_event_bus
 from lorafleet.services.serving.agent import ReplicaAgent, internal_router
 from lorafleet.services.serving.api import Resolver, openai_router
 from lorafleet.services.serving.api import errors as http_errors
+from lorafleet.services.serving.api.pointer_events import PointerWatch
 from lorafleet.services.serving.engine.base import Engine
 
 
@@ -63,6 +65,14 @@ class ServingOptions(BaseModel):
     max_device_adapters: int = Field(default=8, ge=1)
     """Adapters usable by the running batch at once (device slots)."""
     max_host_adapter_bytes: int = Field(default=1 << 30, ge=0)
+    serving_max_cold_loads: int = Field(default=2, ge=1)
+    """Adapter loads in flight at once on this replica (user cold loads and rollout warms)."""
+    serving_max_cold_load_queue: int = Field(default=16, ge=0)
+    """Adapter loads that may wait for a slot; beyond it a load is refused (503, Retry-After)."""
+    serving_max_background_loads: int = Field(default=1, ge=1)
+    """Of the loads in flight, how many may be rollout warms (background)."""
+    serving_step_latency_budget_seconds: float | None = Field(default=None, gt=0)
+    """Background loads start only while the recent inter-token latency is within this; None: no pacing."""
     vllm_max_cpu_loras: int = Field(default=32, ge=2)
     """Adapters registered with vLLM (one is the guard's zero adapter)."""
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -85,6 +95,7 @@ class ServingReplica:
     engine: Engine
     resolver: Resolver
     agent: ReplicaAgent
+    pointers: PointerWatch
     routers: tuple[APIRouter, ...]
     """Include them all, in order, in the app that serves this replica."""
 
@@ -92,11 +103,15 @@ class ServingReplica:
     async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
         await self.engine.start()
         try:
-            await self.agent.start()
+            await self.pointers.start()
             try:
-                yield
+                await self.agent.start()
+                try:
+                    yield
+                finally:
+                    await self.agent.stop()
             finally:
-                await self.agent.stop()
+                await self.pointers.stop()
         finally:
             await self.engine.stop()
 
@@ -184,6 +199,10 @@ def build_engine(
         max_lora_rank=options.serving_max_lora_rank,
         adapter_wait_seconds=options.serving_adapter_wait_seconds,
         replica_id=replica_id,
+        max_cold_loads=options.serving_max_cold_loads,
+        max_cold_load_queue=options.serving_max_cold_load_queue,
+        max_background_loads=options.serving_max_background_loads,
+        step_latency_budget_seconds=options.serving_step_latency_budget_seconds,
     )
 
 
@@ -224,8 +243,16 @@ def build_serving(
         served_base_ids=frozenset({engine.base_model_id}),
         ttl_seconds=options.serving_resolve_ttl_seconds,
     )
+    # The shared in-process bus (embedded mode) is the process's, not ours to close; a Redis bus is.
+    pointers = PointerWatch(make_event_bus(settings), resolver, owns_bus=event_backend(settings) == "redis")
     replica = ServingReplica(
-        options=options, replica_id=replica_id, engine=engine, resolver=resolver, agent=agent, routers=()
+        options=options,
+        replica_id=replica_id,
+        engine=engine,
+        resolver=resolver,
+        agent=agent,
+        pointers=pointers,
+        routers=(),
     )
     lifecycle = APIRouter(lifespan=replica.lifespan)
     replica.routers = (

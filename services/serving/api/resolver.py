@@ -43,6 +43,8 @@ class Target:
     adapter: AdapterHandle | None
     """None: the plain base model."""
     policy: str | None = None
+    pinned: bool = False
+    """Named as ``policy@revision`` (smoke checks, A/B), not through the policy's serving pointer."""
 
     @property
     def fingerprint(self) -> str:
@@ -148,7 +150,7 @@ class Resolver:
         handle = self._revision(tenant_id, revision_id, policy_id=policy_id, policy=name)
         if handle is None:
             raise _not_found(model)
-        return self._served_target(Target(base_id, handle, name), model)
+        return self._served_target(Target(base_id, handle, name, pinned=True), model)
 
     def _is_base(self, name: str) -> bool:
         """Whether ``name`` is a registered base; the list of bases is read at most once a minute

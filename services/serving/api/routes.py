@@ -61,15 +61,18 @@ class _Prepared:
 
 
 class _FirstRequests:
-    """Which revisions this process has served already (the ``first_request`` metric label)."""
+    """Which revisions this process has served through a policy's pointer already: the first such
+    request of each revision (the first after its flip) carries ``first_request="true"`` on the
+    TTFT metric. A request naming ``policy@revision`` (the rollout's smoke check) is not counted,
+    so warming a revision does not use its first request up."""
 
     def __init__(self) -> None:
         self._seen: set[str] = set()
 
-    def mark(self, revision_id: str | None) -> bool:
-        if revision_id is None or revision_id in self._seen:
+    def mark(self, target: Target) -> bool:
+        if target.adapter is None or target.pinned or target.adapter.revision_id in self._seen:
             return False
-        self._seen.add(revision_id)
+        self._seen.add(target.adapter.revision_id)
         return True
 
 
@@ -87,13 +90,12 @@ def openai_router(*, engine: Engine, resolver: Resolver, sessions: sessionmaker[
         target = await anyio.to_thread.run_sync(resolver.resolve, principal.tenant_id, body.model)
         ids = prompt_ids()
         sampling = _sampling(body, prompt_tokens=len(ids), max_context=engine.max_context)
-        revision = target.adapter.revision_id if target.adapter else None
         request = GenerationRequest(
             request_id=f"{prefix}-{new_ulid()}",
             prompt_ids=ids,
             adapter=target.adapter,
             sampling=sampling,
-            first_request=first_requests.mark(revision),
+            first_request=first_requests.mark(target),
         )
         return _Prepared(
             id=request.request_id,
@@ -244,6 +246,7 @@ async def _collect(engine: Engine, job: _Prepared) -> tuple[str, s.FinishReason,
 async def _until_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work``; if the client disconnects first, cancel it (which aborts the engine request)."""
     result: list[T] = []
+    failed: list[LorafleetError] = []
 
     async with anyio.create_task_group() as tg:
 
@@ -253,8 +256,15 @@ async def _until_disconnected(request: Request, work: Callable[[], Awaitable[T]]
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
-        result.append(await work())
+        try:
+            result.append(await work())
+        except LorafleetError as exc:
+            # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which the
+            # error edge does not map: a refused cold load must answer 503, not 500.
+            failed.append(exc)
         tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if not result:  # nobody is listening any more; the status only shows in access logs
         raise InvalidRequest("the client disconnected before the answer was ready", code="client_disconnected")
     return result[0]

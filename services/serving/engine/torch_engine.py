@@ -5,6 +5,13 @@ wait for adapters (:mod:`lorafleet.services.serving.tiers`) and turn tokens into
 holds a use on its adapter from before the adapter's load starts until its row has left the
 batch, so an adapter serving a request is never evicted, and a slot is never rewritten while a
 row still reads it.
+
+Every adapter load goes through the engine's :class:`AdmissionController`: a request whose
+adapter is not on the device tier is a *foreground* cold load (bounded in flight, bounded
+queue, deduplicated per revision, refused with ``Unavailable`` ``cold_load_queue_full`` and a
+``retry_after`` when the queue is full); :meth:`TorchEngine.load` (the agent's warm endpoint,
+driven by the rollout controller) is a *background* load under the same gate, paced by the
+steps' inter-token latency. A request whose adapter is on the device already never waits.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from lorafleet.platform import metrics
 from lorafleet.platform.domain.architecture import ArchitectureSpec
 from lorafleet.platform.domain.errors import InvalidRequest, LorafleetError, Unavailable
 from lorafleet.platform.modeling import CausalLM, DeviceAdapterBank
+from lorafleet.services.serving.admission import BACKGROUND, FOREGROUND, AdmissionController
 from lorafleet.services.serving.engine._batcher import Batcher, Row, RowEvent
 from lorafleet.services.serving.engine._sampler import RowSampling
 from lorafleet.services.serving.engine._text import IncrementalDetokenizer, StopStringFilter
@@ -47,6 +55,10 @@ class TorchEngine:
     of adapter tensors stay in host memory (device-resident ones included). A step reads at most
     ``max_prefill_tokens`` prompt tokens. A request whose adapter cannot get a slot within
     ``adapter_wait_seconds`` (every slot serving other requests) is refused with ``Unavailable``.
+
+    Admission of loads: at most ``max_cold_loads`` run at once (``max_background_loads`` of them
+    background), at most ``max_cold_load_queue`` wait; background loads start only while the
+    recent inter-token latency is within ``step_latency_budget_seconds`` (None: no pacing).
     """
 
     def __init__(
@@ -67,6 +79,10 @@ class TorchEngine:
         adapter_wait_seconds: float = 30.0,
         eos_token_ids: Sequence[int] | None = None,
         replica_id: str = "local",
+        max_cold_loads: int = 2,
+        max_cold_load_queue: int = 16,
+        max_background_loads: int = 1,
+        step_latency_budget_seconds: float | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_prefill_tokens < 1:
             raise InvalidRequest("max_batch_rows and max_prefill_tokens must be at least 1")
@@ -95,6 +111,13 @@ class TorchEngine:
             wait_seconds=adapter_wait_seconds,
             replica_id=replica_id,
         )
+        self.admission = AdmissionController(
+            max_in_flight=max_cold_loads,
+            max_queue=max_cold_load_queue,
+            max_background_in_flight=min(max_background_loads, max_cold_loads),
+            step_latency_budget_seconds=step_latency_budget_seconds,
+            replica_id=replica_id,
+        )
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -112,6 +135,7 @@ class TorchEngine:
     async def stop(self) -> None:
         if not self._started:
             return
+        await self.admission.close()
         await asyncio.to_thread(self._batcher.stop)
         self.tiers.close()
         self._started = False
@@ -119,9 +143,21 @@ class TorchEngine:
     # -- adapters -----------------------------------------------------------------------------
 
     async def load(self, adapter: AdapterHandle, *, tier: Tier = Tier.DEVICE, pin: bool = False) -> LoadReport:
+        """A background load (nobody's request waits on it) under admission control; refused with
+        ``Unavailable`` (``cold_load_queue_full``, retryable) when the load queue is full. A
+        revision resident in ``tier`` already is only (un)pinned: no admission needed."""
         if tier == Tier.DEVICE:
             self._require_running()
-        return await self.tiers.load(adapter, tier=tier, pin=pin)
+        if self.tiers.holds(adapter.revision_id, tier):
+            return await self.tiers.load(adapter, tier=tier, pin=pin)
+        report = await self.admission.run(
+            _load_key(adapter.revision_id, tier),
+            partial(self.tiers.load, adapter, tier=tier, pin=False),
+            kind=BACKGROUND,
+        )
+        if pin:  # after the shared load: a caller that joined it still gets its own pin
+            await self.tiers.load(adapter, tier=tier, pin=True)
+        return report
 
     def unpin(self, revision_id: str) -> None:
         self.tiers.unpin(revision_id)
@@ -146,11 +182,19 @@ class TorchEngine:
         slot, waited = -1, 0.0
         if adapter is not None:
             try:
+                cold = not self.tiers.holds(adapter.revision_id, Tier.DEVICE)
+                if cold:  # a scheduled cold load: bounded, deduplicated, or refused with Retry-After
+                    await self.admission.run(
+                        _load_key(adapter.revision_id, Tier.DEVICE),
+                        partial(self.tiers.load, adapter, tier=Tier.DEVICE, pin=False),
+                        kind=FOREGROUND,
+                    )
                 acquired = await self.tiers.acquire(adapter)
             except BaseException:
                 metrics.GEN_REQUESTS.labels(outcome="error").inc()
                 raise
-            slot, waited = acquired.slot, acquired.waited_seconds
+            slot = acquired.slot
+            waited = time.perf_counter() - arrival if cold else acquired.waited_seconds
             metrics.USER_VISIBLE_LOAD_SECONDS.observe(waited)
         row = self._row(request, slot=slot, arrival=arrival)
         try:
@@ -222,9 +266,7 @@ class TorchEngine:
             raise InvalidRequest("the prompt is empty", code="empty_prompt", param="prompt")
         vocab = self.spec.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequest(
-                f"prompt token ids must be in 0..{vocab - 1}", code="invalid_token_id", param="prompt"
-            )
+            raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}", code="invalid_token_id", param="prompt")
         total = len(prompt) + request.sampling.max_tokens
         if total > self.max_context:
             raise InvalidRequest(
@@ -257,8 +299,26 @@ class TorchEngine:
             events=asyncio.Queue(),
             on_done=None if adapter is None else partial(self.tiers.release, adapter.revision_id),
             arrival=arrival,
-            ttft=metrics.TTFT_SECONDS.labels(
-                policy=policy, first_request="true" if request.first_request else "false"
-            ),
-            itl=metrics.ITL_SECONDS.labels(policy=policy),
+            ttft=metrics.TTFT_SECONDS.labels(policy=policy, first_request="true" if request.first_request else "false"),
+            itl=_InterTokenFeed(metrics.ITL_SECONDS.labels(policy=policy), self.admission),
         )
+
+
+class _InterTokenFeed:
+    """The row's inter-token observer: the ITL histogram, and the admission pacer (a decode
+    token's gap is one engine step, so it is the serving latency background loads must not hurt)."""
+
+    __slots__ = ("_admission", "_histogram")
+
+    def __init__(self, histogram: Any, admission: AdmissionController) -> None:
+        self._histogram = histogram
+        self._admission = admission
+
+    def observe(self, seconds: float) -> None:
+        self._histogram.observe(seconds)
+        self._admission.observe_step_latency(seconds)
+
+
+def _load_key(revision_id: str, tier: Tier) -> str:
+    """Admission dedupes loads by this key: one load per revision and target tier."""
+    return f"{tier.value}:{revision_id}"

@@ -152,6 +152,18 @@ class AdapterTiers:
             self.release(rid)
         return LoadReport(revision_id=rid, tier=tier, seconds=seconds, already_resident=not seconds)
 
+    def holds(self, revision_id: str, tier: Tier) -> bool:
+        """Whether the revision is resident in ``tier`` or a faster one now (a load of it there
+        would do nothing). A snapshot: eviction may change it the next moment."""
+        with self._lock:
+            if revision_id in self._device_ready:
+                return True
+            if tier == Tier.DEVICE:
+                return False
+            if revision_id in self._host:
+                return True
+        return tier == Tier.DISK and self.bundle_cache.contains(revision_id)
+
     def unpin(self, revision_id: str) -> None:
         with self._lock:
             self._policy.unpin(revision_id)
@@ -239,8 +251,7 @@ class AdapterTiers:
                 manifest = bundle.manifest
                 if manifest.rank > self.bank.max_rank:
                     raise InvalidRequest(
-                        f"revision {rid} has rank {manifest.rank}; this engine serves ranks up to "
-                        f"{self.bank.max_rank}",
+                        f"revision {rid} has rank {manifest.rank}; this engine serves ranks up to {self.bank.max_rank}",
                         code="adapter_rank_too_large",
                     )
                 self._reserve_host(rid, manifest.total_bytes, deadline)

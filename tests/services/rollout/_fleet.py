@@ -248,7 +248,8 @@ class Fleet:
         env.update(extra)
         return env
 
-    def start_replicas(self, *ids: str) -> None:
+    def start_replicas(self, *ids: str, **extra_env: str) -> None:
+        """Start ``lorafleet serve`` processes; ``extra_env`` adds or overrides ``LORAFLEET_*`` settings."""
         procs = {}
         for rid in ids:
             port = free_port()
@@ -262,7 +263,7 @@ class Fleet:
                 LORAFLEET_SERVING_RESOLVE_TTL_SECONDS="0",
                 LORAFLEET_MAX_DEVICE_ADAPTERS="16",
                 LORAFLEET_SERVING_MAX_LORA_RANK="8",
-            )
+            ) | extra_env
             code = (
                 "from lorafleet.platform.config import load_settings\n"
                 "from lorafleet.services.serving.replica import run_serving\n"
