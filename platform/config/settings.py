@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     """Queued plus running jobs a tenant may hold before new ones answer 429."""
     job_lease_seconds: float = 60.0
     """How long a trainer holds a job between heartbeats before another may take it over."""
+    trainer_device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """Where the trainer keeps its resident bases and trains: cpu, cuda or cuda:N."""
     prometheus_url: str | None = None
     """When set, the ops page reads its charts from this Prometheus instead of in-process history."""
     metrics_history_interval_seconds: float = 15.0

@@ -67,7 +67,7 @@ class TrainerWorker:
         self.store = store or make_object_store(settings)
         self.queue = queue or make_job_queue(settings, engine)  # type: ignore[arg-type]
         self.ledger = JobLedger(self.sessions)
-        self.bases = ResidentBases(self.sessions)
+        self.bases = ResidentBases(self.sessions, device=settings.trainer_device)
         self.active: dict[str, Active] = {}
         self.lease = settings.job_lease_seconds
 

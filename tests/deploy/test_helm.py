@@ -202,6 +202,24 @@ def test_trainer_gets_gpus_node_selector_and_tolerations() -> None:
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
     cpu_only = _container(render({"trainer": {"gpu": {"enabled": False}}}), "trainer")
     assert "nvidia.com/gpu" not in cpu_only["resources"].get("limits", {})
+    mig = _container(render({"trainer": {"gpu": {"count": 2, "resourceName": "nvidia.com/mig-3g.40gb"}}}),
+                     "trainer")
+    assert mig["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 2
+    assert "nvidia.com/gpu" not in mig["resources"]["limits"]
+
+
+def test_trainer_device_follows_its_gpu_unless_set() -> None:
+    from lorafleet.platform.config import Settings
+
+    def device(values: dict[str, Any] | None) -> str:
+        return str(_env(_container(render(values), "trainer"))["LORAFLEET_TRAINER_DEVICE"])
+
+    assert device(None) == "cuda"
+    assert device(_production_values()) == "cuda"
+    assert device({"trainer": {"gpu": {"enabled": False}}}) == "cpu"
+    assert device({"trainer": {"device": "cuda:1"}}) == "cuda:1"
+    for value in ("cuda", "cpu", "cuda:1"):  # what the chart writes is what the trainer accepts
+        assert Settings(trainer_device=value).trainer_device == value
 
 
 def test_serving_engine_vllm_yields_the_vllm_container() -> None:
