@@ -66,6 +66,9 @@ COLD_LOAD_REFUSALS = Counter("lorafleet_cold_load_refusals", "Adapter loads refu
 ROLLOUT_SECONDS = Histogram("lorafleet_rollout_seconds", "Rollout duration by stage and outcome",
                             ["stage", "outcome"], buckets=_LATENCY, registry=REGISTRY)
 ROLLOUTS = Gauge("lorafleet_rollouts", "Rollouts by state", ["state"], registry=REGISTRY)
+ROLLOUT_OLDEST_AGE = Gauge("lorafleet_rollout_oldest_age_seconds",
+                           "Age of the oldest rollout in each active state (0 when there is none)", ["state"],
+                           registry=REGISTRY)
 OBJECT_STORE_ERRORS = Counter("lorafleet_object_store_errors", "Object store operations that failed",
                               ["operation"], registry=REGISTRY)
 REPLICA_HEARTBEAT_AGE = Gauge("lorafleet_replica_heartbeat_age_seconds", "Seconds since a replica's heartbeat",

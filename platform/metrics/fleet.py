@@ -1,5 +1,5 @@
-"""Gauges derived from the database at scrape time: jobs and queue age, rollouts by state, and the
-age of every live replica's heartbeat.
+"""Gauges derived from the database at scrape time: jobs and queue age, rollouts by state and the
+age of the oldest active one, and the age of every live replica's heartbeat.
 
 They are read from rows rather than set by the process they describe, so they stay true when that
 process is gone: a dead replica's heartbeat age keeps rising, a rollout nobody drives stays counted
@@ -48,6 +48,17 @@ def refresh_from_database(session: Session, *, now: datetime | None = None) -> N
     rollouts = _counts(session, models.Rollout.state)
     for state in RolloutState:
         m.ROLLOUTS.labels(state=state.value).set(rollouts.get(state.value, 0))
+    # measured from created_at: updated_at moves with every lease renewal, so it cannot tell how
+    # long a rollout has been stuck
+    active = [s.value for s in RolloutState if s.active]
+    oldest_active: dict[str, datetime] = {
+        state: since for state, since in session.execute(
+            select(models.Rollout.state, func.min(models.Rollout.created_at))
+            .where(models.Rollout.state.in_(active)).group_by(models.Rollout.state))
+    }
+    for state in active:
+        since = oldest_active.get(state)
+        m.ROLLOUT_OLDEST_AGE.labels(state=state).set(max(0.0, (now - _aware(since)).total_seconds()) if since else 0)
 
     replicas = session.execute(
         select(models.Replica.id, models.Replica.role, models.Replica.heartbeat_at).where(

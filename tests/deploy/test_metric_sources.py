@@ -103,7 +103,7 @@ def test_the_fleet_alert_metrics_have_their_writers() -> None:
     attributes = _family_attributes()
     expected = {
         "lorafleet_replica_heartbeat_age_seconds": "platform/metrics/fleet.py",
-        "lorafleet_rollouts": "platform/metrics/fleet.py",
+        "lorafleet_rollout_oldest_age_seconds": "platform/metrics/fleet.py",
         "lorafleet_job_queue_oldest_age_seconds": "platform/metrics/fleet.py",
         "lorafleet_object_store_errors_total": "adapters_store/objectstore/_metrics.py",
     }

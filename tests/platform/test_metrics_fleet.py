@@ -1,6 +1,6 @@
 """Database-derived gauges (platform/metrics/fleet.py) follow the rows on a simulated clock: a
-silent replica's heartbeat age keeps rising, rollouts are counted by state, stopped or long-gone
-replicas leave no series behind."""
+silent replica's heartbeat age keeps rising, rollouts are counted by state with the age of the
+oldest active one, and stopped or long-gone replicas leave no series behind."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def _rollouts() -> dict[str, float]:
     return {state.value: m.ROLLOUTS.labels(state=state.value)._value.get() for state in RolloutState}
 
 
+def _oldest() -> dict[str, float]:
+    return {state.value: m.ROLLOUT_OLDEST_AGE.labels(state=state.value)._value.get()
+            for state in RolloutState if state.active}
+
+
 def test_heartbeat_age_rises_while_a_replica_is_silent(sessions: sessionmaker[Session]) -> None:
     with transaction(sessions) as s:
         s.add(models.Replica(id="serve-a", role="serving", state="up", heartbeat_at=T0, started_at=T0))
@@ -76,14 +81,16 @@ def test_rollouts_are_counted_by_state_from_the_rows(sessions: sessionmaker[Sess
         s.flush()
         for i, state in enumerate([RolloutState.WARMING, RolloutState.WARMING, RolloutState.SERVING]):
             s.add(models.Rollout(id=f"ro-{i}", tenant_id="ten-1", policy_id="pol-1", revision_id=f"rev-{i}",
-                                 state=state.value))
-    _refresh(sessions, T0)
+                                 state=state.value, created_at=T0 + timedelta(minutes=i)))
+    _refresh(sessions, T0 + timedelta(minutes=20))
     assert _rollouts() == {"pending": 0, "warming": 2, "ready": 0, "serving": 1, "failed": 0, "cancelled": 0,
                            "rolled_back": 0}
+    assert _oldest() == {"pending": 0, "warming": 20 * 60, "ready": 0}
     with transaction(sessions) as s:
         s.get(models.Rollout, "ro-0").state = RolloutState.FAILED.value  # type: ignore[union-attr]
-    _refresh(sessions, T0)
+    _refresh(sessions, T0 + timedelta(minutes=20))
     assert _rollouts()["warming"] == 1 and _rollouts()["failed"] == 1
+    assert _oldest()["warming"] == 19 * 60  # the one that failed no longer counts as stuck
 
 
 def test_queue_age_is_zero_without_queued_jobs(sessions: sessionmaker[Session]) -> None:
