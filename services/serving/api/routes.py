@@ -41,6 +41,9 @@ T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 REVISION_HEADER = "X-Lorafleet-Revision"
+ADAPTER_WAIT_HEADER = "X-Lorafleet-Adapter-Wait-Seconds"
+"""How long the request waited for its own adapter to load (0 when it was on the device): the
+per-request form of ``lorafleet_user_visible_adapter_load_seconds``."""
 
 
 @dataclass
@@ -54,6 +57,8 @@ class _Prepared:
     request: GenerationRequest
     stream: bool
     include_usage: bool
+    adapter_wait: float = 0.0
+    """Set from the engine's first chunk."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -237,6 +242,8 @@ async def _collect(engine: Engine, job: _Prepared) -> tuple[str, s.FinishReason,
     parts: list[str] = []
     async with contextlib.aclosing(engine.generate(job.request)) as chunks:
         async for chunk in chunks:
+            if not parts:
+                job.adapter_wait = chunk.adapter_wait_seconds
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 return "".join(parts), _finish(chunk), chunk.completion_tokens
@@ -280,6 +287,7 @@ async def _stream(engine: Engine, job: _Prepared, events: EventSource) -> Stream
     except BaseException:
         await chunks.aclose()
         raise
+    job.adapter_wait = first.adapter_wait_seconds
 
     async def body() -> AsyncIterator[str]:
         async with contextlib.aclosing(chunks):
@@ -294,7 +302,7 @@ async def _stream(engine: Engine, job: _Prepared, events: EventSource) -> Stream
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
-        headers={**SSE_HEADERS, REVISION_HEADER: job.target.fingerprint},
+        headers={**SSE_HEADERS, **_headers(job)},
     )
 
 
@@ -376,5 +384,9 @@ def _json(job: _Prepared, payload: s.ChatCompletion | s.Completion) -> Response:
     return Response(
         payload.model_dump_json(),
         media_type="application/json",
-        headers={REVISION_HEADER: job.target.fingerprint},
+        headers=_headers(job),
     )
+
+
+def _headers(job: _Prepared) -> dict[str, str]:
+    return {REVISION_HEADER: job.target.fingerprint, ADAPTER_WAIT_HEADER: f"{job.adapter_wait:.6f}"}

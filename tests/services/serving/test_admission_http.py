@@ -144,6 +144,14 @@ def test_cold_burst_beyond_the_bound_gets_503_with_retry_after_and_serving_adapt
     for r, rev in zip(answers, tail, strict=True):
         if r.status_code == 200:
             assert r.headers["X-Lorafleet-Revision"] == rev
+            assert float(r.headers["X-Lorafleet-Adapter-Wait-Seconds"]) > 0  # a cold load it waited for
+    warm_answer = httpx.post(
+        f"{replica.url}/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {fleet.infer_key}"},
+        json={"model": "hot", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
+    )
+    assert warm_answer.headers["X-Lorafleet-Adapter-Wait-Seconds"] == "0.000000"  # on the device: no wait
 
     assert hot and all(status == 200 and rev == hot_rev for status, rev in hot), hot
     resident = replica.resident(fleet.admin_key)
