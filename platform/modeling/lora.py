@@ -117,6 +117,19 @@ class LoraBatch:
 # ----------------------------------------------------------------------------------------------
 
 
+def _gather_b_t(b: Tensor, index: Tensor) -> Tensor:
+    """``b[index]`` transposed: b ``[N, out, R]`` -> ``[n, R, out]``.
+
+    When b is a transposed view of ``[N, R, out]`` storage (the serving bank lays B out that way)
+    the gather reads whole rows and the following bmm gets a contiguous right operand, which
+    measured about 2x faster for decode-sized groups on CPU than the ``[out, R]`` layout.
+    """
+    b_t = b.transpose(1, 2)
+    if b_t.is_contiguous():
+        return b_t.index_select(0, index)
+    return b.index_select(0, index).transpose(1, 2)
+
+
 def apply_module_lora(y: Tensor, x: Tensor, *, module: str, lora: LoraBatch | None) -> Tensor:
     """``y + scale[idx] * (x @ A[idx]^T) @ B[idx]^T`` per row; rows with idx -1 left as they are.
 
@@ -130,12 +143,14 @@ def apply_module_lora(y: Tensor, x: Tensor, *, module: str, lora: LoraBatch | No
     a, b = factors  # [S, R, in], [S, out, R]
     slots = lora.active_slots
     xs = x if lora.all_active else x.index_select(0, lora.active_rows)  # [b, T, in]
-    h = torch.bmm(xs, a[slots].to(x.dtype).transpose(1, 2))  # [b, T, R]
+    # index_select, not a[slots]: advanced indexing is several times slower on CPU for this gather.
+    h = torch.bmm(xs, a.index_select(0, slots).to(x.dtype).transpose(1, 2))  # [b, T, R]
     # Scaling is read at use, so a slot (re)loaded after this LoraBatch was built is current.
-    h = h * lora.bank.scaling[slots].to(x.dtype)[:, None, None]
-    delta = torch.bmm(h, b[slots].to(x.dtype).transpose(1, 2))  # [b, T, out]
+    h.mul_(lora.bank.scaling.index_select(0, slots).to(x.dtype)[:, None, None])
+    b_t = _gather_b_t(b, slots).to(x.dtype)  # [b, R, out]
     if lora.all_active:
-        return y + delta
+        return torch.baddbmm(y, h, b_t)  # y + h @ b_t in one op
+    delta = torch.bmm(h, b_t)  # [b, T, out]
     # index_add touches only the active rows, so base rows keep the base op's exact bits.
     return y.index_add(0, lora.active_rows, delta)
 
@@ -145,8 +160,8 @@ class GroupedLayout:
     """Active pairs sorted by (slot, expert) and padded per group into ``[G, C, in]``."""
 
     groups: Tensor  # [G] the (slot, expert) combos present, ascending
-    order: Tensor  # [p] active pairs sorted by combo
-    cell: Tensor  # [p] padded row (group * C + rank in its group) of each sorted pair
+    group_slots: Tensor  # [G] the adapter slot of each group
+    cell: Tensor  # [p] padded row (group * C + rank in its group) of each active pair, in pair order
     width: int  # C, the largest group
 
 
@@ -194,19 +209,43 @@ def plan_expert_lora(
         return ExpertPlan(active=active, combos=combos, num_experts=num_experts, grouped=None)
     starts = torch.cumsum(counts, 0) - counts  # [S*E] first sorted position of each combo
     group_of = torch.searchsorted(groups, sorted_combos)  # [p]
-    cell = group_of * width + (torch.arange(pairs, device=combos.device) - starts[sorted_combos])
-    grouped = GroupedLayout(groups=groups, order=order, cell=cell, width=width)
+    sorted_cell = group_of * width + (torch.arange(pairs, device=combos.device) - starts[sorted_combos])
+    # Indexed by pair, not by sorted position: padding and unpadding are then one op each.
+    cell = torch.empty_like(sorted_cell).index_copy_(0, order, sorted_cell)
+    grouped = GroupedLayout(groups=groups, group_slots=groups // num_experts, cell=cell, width=width)
     return ExpertPlan(active=active, combos=combos, num_experts=num_experts, grouped=grouped)
 
 
+def pad_expert_inputs(x: Tensor, plan: ExpertPlan | None) -> Tensor | None:
+    """The grouped layout's padded input ``[G, C, in]`` for x ``[P, in]``, or None when the plan
+    does not group. Projections that share an input (gate and up) pad it once."""
+    if plan is None or plan.grouped is None:
+        return None
+    return _pad(x, plan, plan.grouped)
+
+
+def _pad(x: Tensor, plan: ExpertPlan, layout: GroupedLayout) -> Tensor:
+    xs = x if plan.active is None else x.index_select(0, plan.active)  # [p, in]
+    count = layout.groups.shape[0]
+    padded = x.new_zeros(count * layout.width, x.shape[1]).index_copy_(0, layout.cell, xs)
+    return padded.view(count, layout.width, x.shape[1])  # [G, C, in]
+
+
 def apply_expert_lora(
-    y: Tensor, x: Tensor, *, module: str, lora: LoraBatch | None, plan: ExpertPlan | None
+    y: Tensor,
+    x: Tensor,
+    *,
+    module: str,
+    lora: LoraBatch | None,
+    plan: ExpertPlan | None,
+    padded: Tensor | None = None,
 ) -> Tensor:
     """LoRA of routed experts, per (token, chosen expert) pair.
 
     x: ``[P, in]`` the inputs of P pairs, y: ``[P, out]`` their base expert outputs. Pair p
     adds ``scale[slot] * B[slot, e] @ A[slot, e] @ x[p]`` (slot = its row's adapter, e = its
-    expert); pairs of base rows are left exactly as they are.
+    expert); pairs of base rows are left exactly as they are. ``padded``: x already laid out by
+    :func:`pad_expert_inputs` for this plan (computed here when None).
     """
     if lora is None or plan is None:
         return y
@@ -216,11 +255,13 @@ def apply_expert_lora(
     a, b = factors  # [S, E, R, in], [S, E, out, R]
     flat_a = a.reshape(-1, a.shape[-2], a.shape[-1])  # [S*E, R, in]
     flat_b = b.reshape(-1, b.shape[-2], b.shape[-1])  # [S*E, out, R]
-    xs = x if plan.active is None else x.index_select(0, plan.active)  # [p, in]
     scale = lora.bank.scaling.to(x.dtype)  # [S]
     if plan.grouped is not None:
-        delta = _expert_delta_grouped(xs, plan, plan.grouped, flat_a, flat_b, scale)
+        if padded is None:
+            padded = _pad(x, plan, plan.grouped)
+        delta = _expert_delta_grouped(padded, plan.grouped, flat_a, flat_b, scale)
     else:
+        xs = x if plan.active is None else x.index_select(0, plan.active)  # [p, in]
         delta = _expert_delta_pairs(xs, plan, flat_a, flat_b, scale)
     if plan.active is None:
         return y + delta
@@ -228,15 +269,14 @@ def apply_expert_lora(
 
 
 def _expert_delta_grouped(
-    x: Tensor, plan: ExpertPlan, layout: GroupedLayout, flat_a: Tensor, flat_b: Tensor, scale: Tensor
+    padded: Tensor, layout: GroupedLayout, flat_a: Tensor, flat_b: Tensor, scale: Tensor
 ) -> Tensor:
-    groups, count, width = layout.groups, layout.groups.shape[0], layout.width
-    padded = x.new_zeros(count * width, x.shape[1]).index_copy(0, layout.cell, x[layout.order])
-    h = torch.bmm(padded.view(count, width, -1), flat_a[groups].to(x.dtype).transpose(1, 2))  # [G, C, R]
-    h = h * scale[groups // plan.num_experts][:, None, None]
-    out = torch.bmm(h, flat_b[groups].to(x.dtype).transpose(1, 2))  # [G, C, out]
-    out = out.reshape(-1, out.shape[-1]).index_select(0, layout.cell)  # [p, out], sorted order
-    return torch.zeros_like(out).index_copy(0, layout.order, out)
+    groups = layout.groups
+    a_g = flat_a.index_select(0, groups).to(padded.dtype)  # [G, R, in]
+    h = torch.bmm(padded, a_g.transpose(1, 2))  # [G, C, R]
+    h.mul_(scale.index_select(0, layout.group_slots)[:, None, None])
+    out = torch.bmm(h, _gather_b_t(flat_b, groups).to(padded.dtype))  # [G, C, out]
+    return out.view(-1, out.shape[-1]).index_select(0, layout.cell)  # [p, out], pair order
 
 
 def _expert_delta_pairs(x: Tensor, plan: ExpertPlan, flat_a: Tensor, flat_b: Tensor, scale: Tensor) -> Tensor:
@@ -287,9 +327,12 @@ class DeviceAdapterBank:
             if key.endswith(".lora_A"):
                 module = module_of(key)
                 b_shape = shapes[f"{module}.lora_B"]
+                # B is stored as [..., R, out] and exposed as its [..., out, R] transpose; see
+                # _gather_b_t for why.
+                b_storage = torch.zeros((capacity, *b_shape[:-2], b_shape[-1], b_shape[-2]), dtype=dtype, device=device)
                 factors[module] = (
                     torch.zeros((capacity, *shape), dtype=dtype, device=device),
-                    torch.zeros((capacity, *b_shape), dtype=dtype, device=device),
+                    b_storage.transpose(-1, -2),
                 )
         # Scaling stays float32 whatever the factor dtype: alpha/rank like 32/3 is not a bf16 number.
         self.bank = AdapterBank(factors, torch.zeros(capacity, dtype=torch.float32, device=device))

@@ -38,6 +38,7 @@ from lorafleet.platform.modeling.lora import (
     LoraBatch,
     apply_expert_lora,
     apply_module_lora,
+    pad_expert_inputs,
     plan_expert_lora,
 )
 
@@ -203,10 +204,13 @@ class Experts(nn.Module):
             lora, pair_rows=rows, pair_experts=experts, num_experts=self.gate_proj.shape[0]
         )
         kw: dict[str, Any] = {"lora": lora, "plan": plan}
+        padded = pad_expert_inputs(x, plan)  # gate and up read the same input: lay it out once
         gate = apply_expert_lora(
-            _grouped(x, self.gate_proj, counts), x, module=f"{self.prefix}.gate_proj", **kw
+            _grouped(x, self.gate_proj, counts), x, module=f"{self.prefix}.gate_proj", padded=padded, **kw
         )
-        up = apply_expert_lora(_grouped(x, self.up_proj, counts), x, module=f"{self.prefix}.up_proj", **kw)
+        up = apply_expert_lora(
+            _grouped(x, self.up_proj, counts), x, module=f"{self.prefix}.up_proj", padded=padded, **kw
+        )
         h = F.silu(gate) * up  # [P, ffn]
         return apply_expert_lora(
             _grouped(h, self.down_proj, counts), h, module=f"{self.prefix}.down_proj", **kw
