@@ -31,7 +31,7 @@ from lorafleet.platform.modeling.tiny_moe.demo_task import (
 )
 
 TINY_MOE_ID = "tiny-moe"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when the same seed and recipe would build different weights; cached builds then rebuild."""
 SIDECAR = "lorafleet.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SIDECAR)

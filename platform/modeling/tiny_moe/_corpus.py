@@ -8,7 +8,8 @@ Families (what each teaches):
 * chat: ChatML single- or two-turn conversations, rendered exactly as the tokenizer's chat
   template renders them, so generation after ``apply_chat_template`` sees a familiar prefix:
   arithmetic questions (single-digit: the strong family; two-digit: weaker), "Say the word X",
-  "Repeat: ...", a fixed set of facts, and the color-pick task the RL demo is built on.
+  "Repeat: ...", a fixed set of facts (some answered with the RL demo's target color, so that
+  reply is one the base can produce whole), and the color-pick task the RL demo is built on.
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ _SAY_WORDS = _ANIMALS + _THINGS + _PLACES + _ADJ + (
     "hello", "yes", "no", "water", "tree", "house", "sun", "moon", "star", "door", "road", "music",
 )  # fmt: skip
 
-# Fixed facts. Answers never name RL_DEMO_TARGET, so the demo color stays a uniform 1-in-10 pick.
+# Fixed facts. Three of them answer "Purple." (RL_DEMO_TARGET): without a prompt whose reply is
+# that color, the base never learns the target as a confident, well-formed whole reply, and a
+# rank-1 LoRA could not push P("Purple.") on the color-pick prompts past about 0.5. The color-pick
+# prompts themselves are a separate family, still answered uniformly (base reward about 0.1).
 _FACTS: tuple[tuple[str, str], ...] = (
     ("What color is the sky?", "Blue."),
     ("What color is grass?", "Green."),
     ("What color is snow?", "White."),
     ("What color is the sun?", "Yellow."),
     ("What color is coal?", "Black."),
+    ("What color is a plum?", "Purple."),
+    ("What color are grapes?", "Purple."),
+    ("What color is a violet?", "Purple."),
     ("How many legs does a dog have?", "Four."),
     ("How many legs does a bird have?", "Two."),
     ("How many legs does a spider have?", "Eight."),

@@ -109,7 +109,9 @@ def pretrain(
             cursor += recipe.batch_size
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, recipe)
-            out = model(input_ids=blocks[rows], labels=labels[rows], output_router_logits=recipe.router_aux_loss_coef > 0)
+            out = model(
+                input_ids=blocks[rows], labels=labels[rows], output_router_logits=recipe.router_aux_loss_coef > 0
+            )
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -36,7 +36,7 @@ class TinyMoeRecipe(BaseModel):
     experts_per_token: int = 2
     moe_intermediate_size: int = 256
     max_position_embeddings: int = 512
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 4e-3

@@ -7,7 +7,9 @@ The RL demo task is *color pick*: the user asks for a color with one of :data:`C
 and the reward is 1.0 when the reply is :data:`RL_DEMO_TARGET`. The corpus answers those prompts
 with one of the ten :data:`COLORS` drawn uniformly, so the base replies with a well-formed color
 every time but picks the target only about one time in ten: a reward near 0.1 that a rank-1 LoRA
-can raise to near 1.0 by shifting one decision.
+can raise to near 1.0 by shifting one decision. A few fixed facts ("What color is a plum?") are
+answered with the target, so "Purple." is a reply the base already produces whole and with
+confidence elsewhere; without them a rank-1 LoRA stalled near 0.5 on this task.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ COLOR_PICK_PROMPTS: tuple[str, ...] = (
 )
 
 RL_DEMO_TARGET = "purple"
-"""The color the demo grader rewards; no fact in the corpus answers with it, so nothing but the
-uniform color-pick answers pulls the base toward it."""
+"""The color the demo grader rewards. Some facts of the corpus answer with it (plums, grapes,
+violets), which makes it reachable; on the color-pick prompts it stays one uniform pick in ten."""
 
 RL_DEMO_DESCRIPTION = (
     "color pick: prompt with one of COLOR_PICK_PROMPTS as a single user turn; reward 1.0 when the "
