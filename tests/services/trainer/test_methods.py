@@ -36,7 +36,7 @@ def test_sft_lowers_held_out_loss_and_changes_generations(env: TrainerEnv, tiny_
     valid = env.upload([_chat(p, PIRATE) for p in HELD_OUT])
     job_id = env.create_job(training_file=train, validation_file=valid, policy="pirate", seed=1,
                             method={"type": "supervised", "hyperparameters": {
-                                "n_epochs": 10, "batch_size": 8, "learning_rate": 0.005}})
+                                "n_epochs": 20, "batch_size": 8, "learning_rate": 0.005}})
     env.run_until_done(env.worker(), [job_id])
     job = env.job(job_id)
     assert job.status == "succeeded", job.error
@@ -69,14 +69,14 @@ def test_dpo_raises_the_chosen_over_rejected_margin(env: TrainerEnv) -> None:
 
 @pytest.mark.slow
 def test_grpo_raises_reward_on_the_demo_task(env: TrainerEnv, tiny_moe_path: Path, tmp_path: Path) -> None:
-    """GRPO on the color-pick task with an exact-answer grader. Issue #4 asks for a sampled reward
-    of at least 0.8; on the current tiny-moe the run reaches about 0.5 (see the issue note), so this
-    asserts the reward clearly rises and the ~0.8 target stays open."""
+    """Issue #4: GRPO on the color-pick task with an exact-answer grader raises the sampled reward
+    from at most 0.2 to at least 0.8. Both figures are measured on fresh temperature-1 samples
+    (96 per model, a seed the training never used), not on the training batches."""
     # the reply must be exactly the target color (any case, trailing punctuation allowed)
     rows = [{"prompt": p, "answer": rf"^\s*{RL_DEMO_TARGET}\W*$"} for p in COLOR_PICK_PROMPTS]
     job_id = env.create_job(training_file=env.upload(rows), policy="purple", seed=3, method={
         "type": "reinforcement", "grader": {"type": "string_check", "operation": "regex"},
-        "hyperparameters": {"steps": 40, "prompts_per_step": 6, "group_size": 8, "learning_rate": 0.005,
+        "hyperparameters": {"steps": 20, "prompts_per_step": 6, "group_size": 8, "learning_rate": 0.005,
                             "lr_schedule": "constant", "max_new_tokens": 6, "temperature": 1.0}})
     env.run_until_done(env.worker(), [job_id], timeout=600)
     assert env.job(job_id).status == "succeeded", env.job(job_id).error
@@ -89,9 +89,9 @@ def test_grpo_raises_reward_on_the_demo_task(env: TrainerEnv, tiny_moe_path: Pat
     base_reward = sum(map(grade_color_pick, base)) / len(base)
     tuned_reward = sum(map(grade_color_pick, tuned)) / len(tuned)
     assert base_reward <= 0.2, base_reward
-    assert tuned_reward >= base_reward + 0.2, (base_reward, tuned_reward, tuned[:8])
+    assert tuned_reward >= 0.8, (base_reward, tuned_reward, tuned[:8])
     rewards = [e.data["reward_mean"] for e in env.events(job_id) if e.type == "metrics"]
-    assert rewards[0] <= 0.25 and max(rewards[-10:]) >= 0.35, rewards
+    assert len(rewards) == 20 and rewards[0] <= 0.25, rewards
 
 
 def test_concurrent_jobs_train_exactly_like_jobs_alone(make_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
