@@ -1,0 +1,469 @@
+"""Rollout under load: two-stage rollout (warm on every replica, then flip) against lazy
+load-on-first-request, while steady traffic runs over warm policies.
+
+Starts a small real platform on 127.0.0.1: a fresh PostgreSQL database, a local object store,
+and, each as a process of its own, the control-plane API (``lorafleet api``), a rollout
+controller (``lorafleet rollout-controller``) and two serving replicas (``lorafleet serve``) over
+tiny-moe (``make test-model``). ``--warm``
+policies are rolled out and pinned on both replicas; ``--clients`` closed-loop clients stream
+chat completions to them (random policy, random replica) for the whole run. Then:
+
+- baseline: ``--baseline-seconds`` of that traffic alone;
+- for each N in ``--n`` and each mode, N new revisions (each a new policy's first revision) are
+  published one every ``--interval`` seconds, and each is exposed:
+  two-stage: ``POST /v1/policies/{name}/rollouts``; when the rollout is ``serving``, the
+             first request is sent;
+  lazy:      the pointer is flipped in the database at once and the first request is sent,
+             which loads the revision on the replica it reaches (under admission control).
+
+Per request the replica reports how long it waited for its own adapter to load
+(``X-Lorafleet-Adapter-Wait-Seconds``); TTFT is measured by the client, to the first SSE event
+(the replica starts the response only once the first token exists). Prints user-visible adapter
+load and first-request TTFT (p50/p95/p99) for the new revisions, background TTFT by phase, and
+the ratios against the targets: two-stage user-visible load p95 and p99 exactly 0; first-request
+TTFT p95 at least 3x lower than lazy; background TTFT p95 at most 10% above the baseline.
+
+Replicas resolve pointers with TTL 0 (every request reads the database), so pointer propagation
+does not enter the figures; the admission queue is set large (``--queue``) so lazy first
+requests wait instead of being refused (refusals are counted anyway).
+
+Usage: python loadtests/rollout_under_load.py [--n 20] [--n 20,100] [--clients 3] [--warm 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import select  # noqa: E402
+
+from lorafleet.platform.db import models, transaction  # noqa: E402
+from lorafleet.platform.domain.ids import new_id  # noqa: E402
+from tests.services.rollout._fleet import (  # noqa: E402  (after the path fix)
+    BASE_ID,
+    Fleet,
+    build_fleet,
+    free_port,
+    fresh_database,
+    random_moe_base,
+    with_chat_template,
+)
+
+REPLICAS = ("rep-a", "rep-b")
+
+
+@dataclass
+class Sample:
+    phase: str
+    kind: str
+    """``background`` or ``first``."""
+    status: int
+    ttft: float | None
+    wait: float | None
+    """The replica's X-Lorafleet-Adapter-Wait-Seconds."""
+    revision: str | None
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(-(-q * len(ordered) // 100)) - 1))
+    return ordered[k]
+
+
+def stream_chat(url: str, key: str, model: str, max_tokens: int) -> tuple[int, float | None, float | None, str | None]:
+    """(status, ttft, adapter wait, revision) of one streamed chat completion, read to the end."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
+    ) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, None, None, None
+        ttft = None
+        for line in r.iter_lines():
+            if ttft is None and line.startswith("data:"):
+                ttft = time.perf_counter() - t0
+        wait = r.headers.get("X-Lorafleet-Adapter-Wait-Seconds")
+        return 200, ttft, float(wait) if wait is not None else None, r.headers.get("X-Lorafleet-Revision")
+
+
+class Traffic:
+    """Closed-loop clients over the warm policies, labelled with the current phase."""
+
+    def __init__(self, fleet: Fleet, policies: list[str], *, clients: int, max_tokens: int) -> None:
+        self.fleet = fleet
+        self.policies = policies
+        self.clients = clients
+        self.max_tokens = max_tokens
+        self.phase = "warmup"
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        urls = [rp.url for rp in self.fleet.replicas.values()]
+        while not self._stop.is_set():
+            phase = self.phase
+            status, ttft, wait, rev = stream_chat(
+                rng.choice(urls), self.fleet.infer_key, rng.choice(self.policies), self.max_tokens
+            )
+            self.samples.append(Sample(phase, "background", status, ttft, wait, rev))
+
+
+@contextmanager
+def platform_processes(fleet: Fleet, *, max_concurrent: int) -> Iterator[str]:
+    """The control-plane API and the rollout controller, each a process of its own (as deployed),
+    so that neither shares this process's interpreter with the clients that measure latency."""
+    api_port, probe_port = free_port(), free_port()
+    control = dict(LORAFLEET_DATA_DIR=str(fleet.settings.data_dir), LORAFLEET_LOG_LEVEL="WARNING")
+    procs = {
+        "api": fleet.env(**control, LORAFLEET_PORT=str(api_port)),
+        "rollout-controller": fleet.env(
+            **control,
+            LORAFLEET_PORT=str(probe_port),
+            LORAFLEET_ROLLOUT_ADMIN_KEY=fleet.admin_key,
+            LORAFLEET_ROLLOUT_POLL_SECONDS="0.5",
+            LORAFLEET_ROLLOUT_LEASE_SECONDS="10",
+            LORAFLEET_ROLLOUT_RECONCILE_SECONDS="30",
+            LORAFLEET_ROLLOUT_KEEP_WARM_SECONDS="3600",
+            LORAFLEET_ROLLOUT_MAX_CONCURRENT=str(max_concurrent),
+            LORAFLEET_ROLLOUT_TIMEOUT_SECONDS="300",
+        ),
+    }
+    running: list[subprocess.Popen[bytes]] = []
+    try:
+        for command, env in procs.items():
+            log = (fleet.work / f"{command}.log").open("wb")
+            code = f"from lorafleet.services.cli.main import app; app([{command!r}])"
+            running.append(
+                subprocess.Popen([sys.executable, "-c", code], env=env, cwd=fleet.work, stdout=log, stderr=log)
+            )
+        for port, proc in ((api_port, running[0]), (probe_port, running[1])):
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"a platform process exited; see the logs in {fleet.work}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"a platform process did not start; see the logs in {fleet.work}")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{api_port}"
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def new_empty_policy(fleet: Fleet, name: str) -> str:
+    policy_id = new_id("policy")
+    with transaction(fleet.sessions) as s:
+        s.add(models.Policy(id=policy_id, tenant_id=fleet.tenant_id, name=name, base_model_id=BASE_ID))
+    return policy_id
+
+
+def start_two_stage(api: str, fleet: Fleet, name: str, revision: str) -> str | None:
+    """POST the rollout; None when accepted, else why not."""
+    headers = {"Authorization": f"Bearer {fleet.train_key}"}
+    r = httpx.post(f"{api}/v1/policies/{name}/rollouts", json={"revision": revision}, headers=headers, timeout=30)
+    return None if r.status_code == 201 else f"rollout refused {r.status_code}: {r.text[:200]}"
+
+
+def flip_lazy(fleet: Fleet, policy_id: str, revision: str) -> None:
+    """Load-on-first-request: the pointer moves at once; nobody warms anything."""
+    with transaction(fleet.sessions) as s:
+        row = s.get(models.Policy, policy_id)
+        assert row is not None
+        row.serving_revision_id = revision
+
+
+def serving_pointers(fleet: Fleet, policy_ids: list[str]) -> dict[str, str | None]:
+    with fleet.sessions() as s:
+        rows = s.scalars(select(models.Policy).where(models.Policy.id.in_(policy_ids)))
+        return {r.id: r.serving_revision_id for r in rows}
+
+
+def run_mode(
+    *, mode: str, n: int, fleet: Fleet, api: str, traffic: Traffic, interval: float, max_tokens: int
+) -> tuple[list[Sample], list[str], float]:
+    """Expose N published revisions, one every ``interval``, and send each one's first request as
+    soon as its pointer names it (one watcher polls every pointer of the phase in one query, every
+    50 ms, so the measurement adds almost no load). The revisions are written and published to the
+    object store before the phase starts: that is the trainer's work, in another process in
+    production, and here it would take this process's interpreter from the clients that measure.
+    Returns (first-request samples, failures, phase seconds)."""
+    phase = f"{mode} N={n}"
+    revisions = []
+    for i in range(n):
+        name = f"{mode.replace('-', '')}-{n}-{i}"
+        policy_id = new_empty_policy(fleet, name)
+        revisions.append((name, policy_id, fleet.publish(policy_id)))
+    time.sleep(1.0)
+    traffic.phase = phase
+    started = time.perf_counter()
+    firsts: list[Sample] = []
+    failures: list[str] = []
+    urls = [rp.url for rp in fleet.replicas.values()]
+    pending: dict[str, tuple[int, str, str]] = {}
+    """policy id → (index, name, revision) until its first request is sent."""
+    lock = threading.Lock()
+    published = threading.Event()
+
+    def ask(i: int, name: str, revision: str) -> None:
+        status, ttft, wait, rev = stream_chat(urls[i % len(urls)], fleet.infer_key, name, max_tokens)
+        firsts.append(Sample(phase, "first", status, ttft, wait, rev))
+        if status == 200 and rev != revision:
+            failures.append(f"{name}: answered by {rev}, not {revision}")
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+
+        def watch() -> None:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                with lock:
+                    ids = list(pending)
+                if not ids and published.is_set():
+                    return
+                if ids:
+                    pointers = serving_pointers(fleet, ids)
+                    with lock:
+                        for pid, (i, name, revision) in list(pending.items()):
+                            if pointers.get(pid) == revision:
+                                del pending[pid]
+                                pool.submit(ask, i, name, revision)
+                time.sleep(0.05)
+            failures.extend(f"{name}: never served" for _, name, _ in pending.values())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        for i, (name, policy_id, revision) in enumerate(revisions):
+            t0 = time.perf_counter()
+            with lock:
+                pending[policy_id] = (i, name, revision)
+            if mode == "two-stage":
+                refused = start_two_stage(api, fleet, name, revision)
+                if refused is not None:
+                    with lock:
+                        del pending[policy_id]
+                    failures.append(f"{name}: {refused}")
+            else:
+                flip_lazy(fleet, policy_id, revision)
+            time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+        published.set()
+        watcher.join()
+    return firsts, failures, time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="20", help="comma-separated revision counts, e.g. 20,100 (default 20)")
+    ap.add_argument("--warm", type=int, default=6, help="warm policies carrying the background traffic")
+    ap.add_argument("--clients", type=int, default=3, help="closed-loop background clients")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--interval", type=float, default=0.25, help="seconds between two published revisions")
+    ap.add_argument("--baseline-seconds", type=float, default=20.0)
+    ap.add_argument(
+        "--step-budget",
+        type=float,
+        default=None,
+        help="replicas pace warms to keep the recent inter-token latency within this (seconds; default: no pacing)",
+    )
+    ap.add_argument("--queue", type=int, default=512, help="replica admission queue (cold loads waiting)")
+    ap.add_argument(
+        "--base", default=str(REPO / ".lorafleet" / "test-models" / "tiny-moe"), help="base dir or 'random'"
+    )
+    args = ap.parse_args()
+    ns = [int(x) for x in args.n.split(",") if x]
+
+    work = Path(tempfile.mkdtemp(prefix="lf-rollout-load-"))
+    if args.base == "random":
+        base_dir = random_moe_base(work / "random-base")
+    else:
+        if not (Path(args.base) / "config.json").exists():
+            raise SystemExit(f"no base at {args.base}: run `make test-model` or pass --base random")
+        base_dir = with_chat_template(Path(args.base), work)
+    slots = args.warm + 2 * sum(ns) + 4
+    with fresh_database() as url:
+        fleet = build_fleet(url, work, base_dir)
+        try:
+            fleet.start_replicas(
+                *REPLICAS,
+                LORAFLEET_MAX_DEVICE_ADAPTERS=str(slots),
+                LORAFLEET_SERVING_MAX_COLD_LOAD_QUEUE=str(args.queue),
+                LORAFLEET_SERVING_RESOLVE_TTL_SECONDS="0",
+                **(
+                    {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
+                ),
+            )
+            with platform_processes(fleet, max_concurrent=max(ns)) as api:
+                report(run_all(args, ns, fleet, api), ns, args)
+        finally:
+            fleet.stop()
+            fleet.sessions.kw["bind"].dispose()
+
+
+def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, api: str) -> dict[str, object]:
+    warm_policies = []
+    admin = {"Authorization": f"Bearer {fleet.admin_key}"}
+    for i in range(args.warm):
+        name = f"warm-{i}"
+        _, rev = fleet.new_policy(name)
+        for rp in fleet.replicas.values():
+            r = httpx.post(
+                f"{rp.url}/internal/adapters/warm",
+                json={"revision_id": rev, "tier": "device", "pin": True},
+                headers=admin,
+                timeout=60,
+            )
+            r.raise_for_status()
+        warm_policies.append(name)
+    traffic = Traffic(fleet, warm_policies, clients=args.clients, max_tokens=args.max_tokens)
+    traffic.start()
+    time.sleep(3.0)
+    traffic.phase = "baseline"
+    time.sleep(args.baseline_seconds)
+    out: dict[str, object] = {"traffic": traffic, "runs": {}}
+    runs: dict[tuple[str, int], tuple[list[Sample], list[str], float]] = {}
+    for n in ns:
+        for mode in ("two-stage", "lazy"):
+            runs[(mode, n)] = run_mode(
+                mode=mode,
+                n=n,
+                fleet=fleet,
+                api=api,
+                traffic=traffic,
+                interval=args.interval,
+                max_tokens=args.max_tokens,
+            )
+            traffic.phase = "between"
+            time.sleep(2.0)
+    traffic.stop()
+    out["runs"] = runs
+    return out
+
+
+def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) -> None:
+    traffic: Traffic = results["traffic"]  # type: ignore[assignment]
+    runs: dict[tuple[str, int], tuple[list[Sample], list[str], float]] = results["runs"]  # type: ignore[assignment]
+
+    def bg(phase: str) -> list[Sample]:
+        return [s for s in traffic.samples if s.phase == phase]
+
+    def ttfts(samples: list[Sample]) -> list[float]:
+        return [s.ttft for s in samples if s.status == 200 and s.ttft is not None]
+
+    def waits(samples: list[Sample]) -> list[float]:
+        return [s.wait for s in samples if s.status == 200 and s.wait is not None]
+
+    def three(values: list[float], unit: float = 1000.0) -> str:
+        return " / ".join(f"{pct(values, q) * unit:.1f}" for q in (50, 95, 99))
+
+    base = bg("baseline")
+    base_p95 = pct(ttfts(base), 95)
+    print(
+        f"\nrollout under load: 2 replicas (tiny-moe), {args.warm} warm policies, {args.clients} closed-loop clients, "
+        f"max_tokens {args.max_tokens}, one revision published every {args.interval}s"
+    )
+    print(
+        f"baseline (no rollout): {len(ttfts(base))} requests, background TTFT p50/p95/p99 ms {three(ttfts(base))}; "
+        f"errors {sum(s.status != 200 for s in base)}"
+    )
+    for n in ns:
+        print(f"\n== N = {n} new revisions ==")
+        for mode in ("two-stage", "lazy"):
+            firsts, failures, seconds = runs[(mode, n)]
+            back = bg(f"{mode} N={n}")
+            print(
+                f"[{mode}] {seconds:.1f}s; first requests {len(firsts)} "
+                f"({sum(s.status == 503 for s in firsts)} refused 503, "
+                f"{sum(s.status not in (200, 503) for s in firsts)} other errors); failures {len(failures)}"
+                + (f" e.g. {failures[:2]}" if failures else "")
+            )
+            print(
+                f"  user-visible adapter load, first requests to new revisions, p50/p95/p99 ms: {three(waits(firsts))}"
+            )
+            print(
+                "  user-visible adapter load, all requests in the phase,        p50/p95/p99 ms: "
+                f"{three(waits(firsts + back))}"
+            )
+            print(
+                f"  first-request TTFT (new revisions)                           p50/p95/p99 ms: {three(ttfts(firsts))}"
+            )
+            print(
+                f"  background TTFT ({len(ttfts(back))} requests, {sum(s.status != 200 for s in back)} errors)"
+                f"             p50/p95/p99 ms: {three(ttfts(back))}"
+            )
+        two_f, lazy_f = runs[("two-stage", n)][0], runs[("lazy", n)][0]
+        two_w = waits(two_f + bg(f"two-stage N={n}"))
+        up95, up99 = pct(two_w, 95), pct(two_w, 99)
+        ratio = pct(ttfts(lazy_f), 95) / pct(ttfts(two_f), 95)
+        bg_ratio = pct(ttfts(bg(f"two-stage N={n}")), 95) / base_p95
+        bg_lazy = pct(ttfts(bg(f"lazy N={n}")), 95) / base_p95
+        lazy_waits = waits(lazy_f)
+        if lazy_waits:
+            bound = (pct(ttfts(base), 95) + pct(lazy_waits, 95)) / pct(ttfts(base), 95)
+            print(
+                f"  context: a cold load here costs p95 {pct(lazy_waits, 95) * 1000:.1f} ms against a baseline "
+                f"TTFT p95 of "
+                f"{base_p95 * 1000:.1f} ms, so skipping it can cut first-request TTFT p95 by about {bound:.2f}x at most"
+            )
+        print("  targets:")
+        print(
+            f"    two-stage user-visible load p95 = {up95 * 1000:.3f} ms, p99 = {up99 * 1000:.3f} ms, "
+            f"max = {max(two_w) * 1000 if two_w else float('nan'):.3f} ms "
+            f"(target exactly 0: {'met' if two_w and max(two_w) == 0.0 else 'NOT met'})"
+        )
+        print(
+            f"    first-request TTFT p95 lazy / two-stage = {ratio:.2f}x "
+            f"(target >= 3x: {'met' if ratio >= 3 else 'NOT met'})"
+        )
+        print(
+            f"    background TTFT p95 two-stage / no rollout = {bg_ratio:.3f} "
+            f"(target <= 1.10: {'met' if bg_ratio <= 1.10 else 'NOT met'}); lazy / no rollout = {bg_lazy:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
