@@ -87,7 +87,7 @@ class ReplicaAgent:
     async def start(self) -> None:
         """Register (raising if the database is unreachable: a replica nobody can find is useless),
         then heartbeat in the background."""
-        await anyio.to_thread.run_sync(self._write, STATE_UP, self.report())
+        await anyio.to_thread.run_sync(self._beat, STATE_UP)
         self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self.replica_id}")
 
     async def stop(self) -> None:
@@ -97,7 +97,7 @@ class ReplicaAgent:
                 await self._task
             self._task = None
         try:
-            await anyio.to_thread.run_sync(self._write, STATE_DOWN, self.report())
+            await anyio.to_thread.run_sync(self._beat, STATE_DOWN)
         except SQLAlchemyError as exc:  # shutting down anyway; the stale heartbeat tells the rest
             log.warning("could not mark replica %s down: %s", self.replica_id, exc)
 
@@ -112,7 +112,13 @@ class ReplicaAgent:
         return ResidentReport.of(self.engine.resident())
 
     async def heartbeat(self) -> None:
-        await anyio.to_thread.run_sync(self._write, STATE_UP, self.report())
+        await anyio.to_thread.run_sync(self._beat, STATE_UP)
+
+    def _beat(self, state: str) -> None:
+        # The report is built in the worker thread too: listing what is resident reads the disk
+        # cache's index (file lock, JSON), which must not stall the event loop that streams tokens,
+        # and a rollout pokes a heartbeat after every warm.
+        self._write(state, self.report())
 
     async def _loop(self) -> None:
         while True:

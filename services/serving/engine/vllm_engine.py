@@ -282,11 +282,11 @@ class VllmEngine:
                 pinned=rid in self._pins,
                 in_flight=self._uses.get(rid, 0),
             )
-            for rid, r in self._registered.items()
+            for rid, r in list(self._registered.items())  # a snapshot: the agent lists from a worker thread
         ]
         rows += [
             ResidentAdapter(revision_id=rid, tier=Tier.DISK, bytes=n, pinned=False, in_flight=0)
-            for rid, n in self._on_disk.items()
+            for rid, n in list(self._on_disk.items())
             if rid not in self._registered and self.bundle_cache.contains(rid)
         ]
         return rows
