@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     """How long a trainer holds a job between heartbeats before another may take it over."""
     trainer_device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Where the trainer keeps its resident bases and trains: cpu, cuda or cuda:N."""
+    trainer_max_tokens_per_pass: int | None = Field(default=None, ge=1)
+    """Padded tokens one forward/backward pass over concurrent jobs may hold (activation memory).
+    None: the largest job's batch, so jobs trained together need no more than the largest alone."""
     prometheus_url: str | None = None
     """When set, the ops page reads its charts from this Prometheus instead of in-process history."""
     metrics_history_interval_seconds: float = 15.0

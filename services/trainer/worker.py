@@ -164,7 +164,8 @@ class TrainerWorker:
 
     def _step_group(self, base: ResidentBase, group: list[Active]) -> None:
         tokenizing = group[0].run.tokenizing
-        stepper = MultiPolicyStep(base.model, pad_id=tokenizing.pad_id, stop_ids=[tokenizing.eos_id])
+        stepper = MultiPolicyStep(base.model, pad_id=tokenizing.pad_id, stop_ids=[tokenizing.eos_id],
+                                  max_tokens_per_pass=self.settings.trainer_max_tokens_per_pass)
         runs = [a.run for a in group]
         try:
             results = stepper.step(runs)

@@ -94,11 +94,14 @@ def test_grpo_raises_reward_on_the_demo_task(env: TrainerEnv, tiny_moe_path: Pat
     assert len(rewards) == 20 and rewards[0] <= 0.25, rewards
 
 
-def test_concurrent_jobs_train_exactly_like_jobs_alone(make_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Two policies stepping in one shared forward pass end with the adapters each gets alone."""
+@pytest.mark.parametrize("max_tokens_per_pass", [None, 1_000_000], ids=["pass-per-job", "one-shared-pass"])
+def test_concurrent_jobs_train_exactly_like_jobs_alone(make_env, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       max_tokens_per_pass: int | None) -> None:
+    """Two policies stepping together end with the adapters each gets alone, whether their rows
+    share one forward pass (a large bound) or take a pass each (the default bound)."""
     results: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for mode in ("together", "alone"):
-        env = make_env(data_dir=tmp_path / mode)
+        env = make_env(data_dir=tmp_path / mode, trainer_max_tokens_per_pass=max_tokens_per_pass)
         a = env.upload([_chat(p, PIRATE) for p in GREETINGS[:8]])
         b = env.upload([_chat(p, "blue") for p in COLOR_PICK_PROMPTS])
         hp = {"n_epochs": 2, "batch_size": 4, "learning_rate": 0.01}
