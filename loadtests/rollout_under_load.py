@@ -33,6 +33,9 @@ Usage: python loadtests/rollout_under_load.py [--n 20] [--n 20,100] [--clients 3
 from __future__ import annotations
 
 import argparse
+import bisect
+import multiprocessing
+import queue
 import random
 import subprocess
 import sys
@@ -44,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -112,36 +116,69 @@ def stream_chat(url: str, key: str, model: str, max_tokens: int) -> tuple[int, f
         return 200, ttft, float(wait) if wait is not None else None, r.headers.get("X-Lorafleet-Revision")
 
 
+def _client_loop(
+    seed: int, urls: list[str], key: str, policies: list[str], max_tokens: int, stop: Any, out: Any
+) -> None:
+    """One closed-loop background client (a process of its own): (start time, status, ttft, wait, revision)."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        started = time.time()
+        status, ttft, wait, rev = stream_chat(rng.choice(urls), key, rng.choice(policies), max_tokens)
+        out.put((started, status, ttft, wait, rev))
+
+
 class Traffic:
-    """Closed-loop clients over the warm policies, labelled with the current phase."""
+    """Closed-loop clients over the warm policies, each a process of its own so that the latency
+    they measure is not inflated by this process's interpreter (watcher, probes); each sample is
+    labelled with the phase that was current when its request started."""
 
     def __init__(self, fleet: Fleet, policies: list[str], *, clients: int, max_tokens: int) -> None:
-        self.fleet = fleet
-        self.policies = policies
-        self.clients = clients
-        self.max_tokens = max_tokens
-        self.phase = "warmup"
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._out: Any = ctx.Queue()
+        urls = [rp.url for rp in fleet.replicas.values()]
+        self._procs = [
+            ctx.Process(
+                target=_client_loop,
+                args=(i, urls, fleet.infer_key, policies, max_tokens, self._stop, self._out),
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
+        self._phases: list[tuple[float, str]] = [(0.0, "warmup")]
         self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    @property
+    def phase(self) -> str:
+        return self._phases[-1][1]
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self._phases.append((time.time(), name))
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        for p in self._procs:
+            p.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        urls = [rp.url for rp in self.fleet.replicas.values()]
-        while not self._stop.is_set():
-            phase = self.phase
-            status, ttft, wait, rev = stream_chat(
-                rng.choice(urls), self.fleet.infer_key, rng.choice(self.policies), self.max_tokens
-            )
+        raw = []
+        deadline = time.monotonic() + 120
+        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
+            try:
+                raw.append(self._out.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                raw.append(self._out.get(timeout=0.5))
+            except queue.Empty:
+                break
+        for p in self._procs:
+            p.join(timeout=10)
+        starts = [t for t, _ in self._phases]
+        for started, status, ttft, wait, rev in raw:
+            phase = self._phases[max(0, bisect.bisect_right(starts, started) - 1)][1]
             self.samples.append(Sample(phase, "background", status, ttft, wait, rev))
 
 
