@@ -9,12 +9,13 @@ import torch
 from tokenizers import Tokenizer
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from lorafleet.platform.domain.errors import IntegrityFailure
 from lorafleet.platform.modeling.tiny_moe._corpus import ENDOFTEXT, prompt_spans
 from lorafleet.platform.modeling.tiny_moe._recipe import TinyMoeRecipe
 
 
 def make_config(recipe: TinyMoeRecipe, *, vocab_size: int, eos_ids: list[int], pad_id: int) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
+    return Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim is a keyword the stubs lack
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
         # Only read for dense (mlp_only) layers; tiny-moe has none, but keep it meaningful.
@@ -48,6 +49,8 @@ def pack_corpus(tok: Tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Te
     Returns ``(ids [num_tokens] int64, trained [num_tokens] bool)``.
     """
     eot = tok.token_to_id(ENDOFTEXT)
+    if eot is None:
+        raise IntegrityFailure(f"the tokenizer has no {ENDOFTEXT} token", code="tokenizer_incomplete")
     ids: list[int] = []
     trained: list[bool] = []
     for doc, enc in zip(docs, tok.encode_batch(docs), strict=True):

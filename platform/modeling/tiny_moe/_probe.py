@@ -21,8 +21,10 @@ def _score(
     """For (user prompt, reply) pairs: (greedy-exact flags ``[n]`` bool, log P(reply) ``[n]``)."""
     rows: list[tuple[list[int], int]] = []
     for prompt, reply in pairs:
-        head = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        head = str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
         )
         head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(head + reply + IM_END, add_special_tokens=False)["input_ids"]
