@@ -15,12 +15,19 @@ import openai
 import pytest
 
 from lorafleet.platform.config import Settings
+from lorafleet.platform.domain.lora import LoraConfig
 from lorafleet.platform.metrics import GEN_REQUESTS
 from lorafleet.services.api import create_app
 from lorafleet.services.serving.engine.torch_engine import TorchEngine
 from lorafleet.services.serving.replica import ServingOptions, ServingReplica, build_serving
 from tests.services.serving._http_support import LiveServer, Seeded, fresh_database, seed, torch_engine
-from tests.services.serving.conftest import BASE_MODEL_ID, AdapterStore, ServingBase, publish_adapter
+from tests.services.serving.conftest import (
+    BASE_MODEL_ID,
+    AdapterStore,
+    ServingBase,
+    publish_adapter,
+    trained_like_adapter,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +63,13 @@ def served(
 ) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("openai")
     adapters = serving_adapters.adapters
+    # A strong second revision: a random adapter of the usual scale may leave the base's most
+    # confident answers as they are, and the test below must tell the three models apart.
+    lora = LoraConfig(rank=4, alpha=8.0)
+    strong = {
+        k: t * (4.0 if k.endswith("lora_B") else 1.0)
+        for k, t in trained_like_adapter(serving_base.spec, lora, seed=901).items()
+    }
     second = publish_adapter(
         serving_adapters.store,
         serving_base,
@@ -63,6 +77,7 @@ def served(
         policy=adapters[0].handle.policy or "",
         rank=4,
         seed=901,
+        tensors=strong,
     )
     policies = {"policy-0": [adapters[0], second], "policy-1": [adapters[1]], "idle": []}
     with fresh_database() as url:
