@@ -92,8 +92,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def stream_chat(url: str, key: str, model: str, max_tokens: int) -> tuple[int, float | None, float | None, str | None]:
-    """(status, ttft, adapter wait, revision) of one streamed chat completion, read to the end."""
+def stream_chat(
+    client: httpx.Client, url: str, key: str, model: str, max_tokens: int
+) -> tuple[int, float | None, float | None, str | None]:
+    """(status, ttft, adapter wait, revision) of one streamed chat completion, read to the end.
+
+    ``client`` is long-lived (kept-alive connections): a new httpx client per request builds an
+    SSL context and a connection each time, which cost the load generators more CPU than the
+    replicas spent serving, on a machine the replicas share with them."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "hello there"}],
@@ -102,7 +108,7 @@ def stream_chat(url: str, key: str, model: str, max_tokens: int) -> tuple[int, f
         "stream": True,
     }
     t0 = time.perf_counter()
-    with httpx.stream(
+    with client.stream(
         "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
     ) as r:
         if r.status_code != 200:
@@ -121,10 +127,11 @@ def _client_loop(
 ) -> None:
     """One closed-loop background client (a process of its own): (start time, status, ttft, wait, revision)."""
     rng = random.Random(seed)
-    while not stop.is_set():
-        started = time.time()
-        status, ttft, wait, rev = stream_chat(rng.choice(urls), key, rng.choice(policies), max_tokens)
-        out.put((started, status, ttft, wait, rev))
+    with httpx.Client() as client:
+        while not stop.is_set():
+            started = time.time()
+            status, ttft, wait, rev = stream_chat(client, rng.choice(urls), key, rng.choice(policies), max_tokens)
+            out.put((started, status, ttft, wait, rev))
 
 
 class Traffic:
@@ -183,9 +190,13 @@ class Traffic:
 
 
 @contextmanager
-def platform_processes(fleet: Fleet, *, max_concurrent: int) -> Iterator[str]:
+def platform_processes(fleet: Fleet, *, max_concurrent: int, nice: int = 0) -> Iterator[str]:
     """The control-plane API and the rollout controller, each a process of its own (as deployed),
-    so that neither shares this process's interpreter with the clients that measure latency."""
+    so that neither shares this process's interpreter with the clients that measure latency.
+
+    ``nice``: their CPU priority below the replicas'. Deployed, they run on other nodes than the
+    serving replicas; on one small machine a lower priority is the nearest stand-in, so that the
+    figures show what a rollout costs the replicas, not what the controller's own CPU costs them."""
     api_port, probe_port = free_port(), free_port()
     control = dict(LORAFLEET_DATA_DIR=str(fleet.settings.data_dir), LORAFLEET_LOG_LEVEL="WARNING")
     procs = {
@@ -208,7 +219,10 @@ def platform_processes(fleet: Fleet, *, max_concurrent: int) -> Iterator[str]:
             log = (fleet.work / f"{command}.log").open("wb")
             code = f"from lorafleet.services.cli.main import app; app([{command!r}])"
             running.append(
-                subprocess.Popen([sys.executable, "-c", code], env=env, cwd=fleet.work, stdout=log, stderr=log)
+                subprocess.Popen(
+                    ["nice", "-n", str(nice), sys.executable, "-c", code],
+                    env=env, cwd=fleet.work, stdout=log, stderr=log,
+                )
             )
         for port, proc in ((api_port, running[0]), (probe_port, running[1])):
             deadline = time.monotonic() + 120
@@ -241,10 +255,10 @@ def new_empty_policy(fleet: Fleet, name: str) -> str:
     return policy_id
 
 
-def start_two_stage(api: str, fleet: Fleet, name: str, revision: str) -> str | None:
+def start_two_stage(client: httpx.Client, api: str, fleet: Fleet, name: str, revision: str) -> str | None:
     """POST the rollout; None when accepted, else why not."""
     headers = {"Authorization": f"Bearer {fleet.train_key}"}
-    r = httpx.post(f"{api}/v1/policies/{name}/rollouts", json={"revision": revision}, headers=headers, timeout=30)
+    r = client.post(f"{api}/v1/policies/{name}/rollouts", json={"revision": revision}, headers=headers, timeout=30)
     return None if r.status_code == 201 else f"rollout refused {r.status_code}: {r.text[:200]}"
 
 
@@ -289,12 +303,13 @@ def run_mode(
     published = threading.Event()
 
     def ask(i: int, name: str, revision: str) -> None:
-        status, ttft, wait, rev = stream_chat(urls[i % len(urls)], fleet.infer_key, name, max_tokens)
+        status, ttft, wait, rev = stream_chat(client, urls[i % len(urls)], fleet.infer_key, name, max_tokens)
         firsts.append(Sample(phase, "first", status, ttft, wait, rev))
         if status == 200 and rev != revision:
             failures.append(f"{name}: answered by {rev}, not {revision}")
 
-    with ThreadPoolExecutor(max_workers=n) as pool:
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    with httpx.Client(limits=limits) as client, ThreadPoolExecutor(max_workers=n) as pool:
 
         def watch() -> None:
             deadline = time.monotonic() + 600
@@ -320,7 +335,7 @@ def run_mode(
             with lock:
                 pending[policy_id] = (i, name, revision)
             if mode == "two-stage":
-                refused = start_two_stage(api, fleet, name, revision)
+                refused = start_two_stage(client, api, fleet, name, revision)
                 if refused is not None:
                     with lock:
                         del pending[policy_id]
@@ -349,6 +364,12 @@ def main() -> None:
     )
     ap.add_argument("--queue", type=int, default=512, help="replica admission queue (cold loads waiting)")
     ap.add_argument(
+        "--control-plane-nice",
+        type=int,
+        default=10,
+        help="CPU priority of the API and controller below the replicas (deployed, they run on other nodes)",
+    )
+    ap.add_argument(
         "--base", default=str(REPO / ".lorafleet" / "test-models" / "tiny-moe"), help="base dir or 'random'"
     )
     args = ap.parse_args()
@@ -374,7 +395,7 @@ def main() -> None:
                     {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
                 ),
             )
-            with platform_processes(fleet, max_concurrent=max(ns)) as api:
+            with platform_processes(fleet, max_concurrent=max(ns), nice=args.control_plane_nice) as api:
                 report(run_all(args, ns, fleet, api), ns, args)
         finally:
             fleet.stop()
@@ -441,7 +462,8 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
     base_p95 = pct(ttfts(base), 95)
     print(
         f"\nrollout under load: 2 replicas (tiny-moe), {args.warm} warm policies, {args.clients} closed-loop clients, "
-        f"max_tokens {args.max_tokens}, one revision published every {args.interval}s"
+        f"max_tokens {args.max_tokens}, one revision published every {args.interval}s; API and controller at "
+        f"nice {args.control_plane_nice}"
     )
     print(
         f"baseline (no rollout): {len(ttfts(base))} requests, background TTFT p50/p95/p99 ms {three(ttfts(base))}; "
