@@ -9,6 +9,7 @@ is resumed it exports one revision, committed once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -244,10 +245,12 @@ class TrainerWorker:
             log.info("job %s not marked failed: %s", job_id, exc)
         self.queue.ack(message)
         self.active.pop(job_id, None)
+        _forget_job_series(job_id)
 
     def _drop(self, a: Active) -> None:
         self.queue.ack(a.message)
         self.active.pop(a.run.job.id, None)
+        _forget_job_series(a.run.job.id)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event, *, idle_sleep: float = 0.5) -> None:
@@ -270,3 +273,10 @@ class TrainerWorker:
         thread = threading.Thread(target=self.run_forever, args=(stop,), name="lorafleet-trainer", daemon=True)
         thread.start()
         return thread, stop
+
+
+def _forget_job_series(job_id: str) -> None:
+    """Per-job series live only while the job trains, so the metric's cardinality is the number of
+    active jobs, not every job this process ever ran."""
+    with contextlib.suppress(KeyError):
+        m.TRAIN_REWARD.remove(job_id)

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from lorafleet.adapters_store import RevisionRef, download_revision, verify_bundle
+from lorafleet.platform import metrics
 from lorafleet.platform.db import models
 from lorafleet.platform.domain.architecture import ArchitectureSpec
 from lorafleet.platform.domain.lora import LoraConfig
@@ -204,3 +205,20 @@ def test_auto_rollout_requests_a_rollout_of_a_later_revision(env: TrainerEnv) ->
     assert policy.serving_revision_id == env.job(first).result_revision_id
     assert [(r.revision_id, r.state) for r in rollouts] == [(env.job(second).result_revision_id, "pending")]
     assert any("auto rollout" in e.message for e in env.events(second))
+
+
+def test_reward_series_lives_only_while_its_job_trains(env: TrainerEnv) -> None:
+    rows = [{"prompt": p, "answer": "purple"} for p in COLOR_PICK_PROMPTS]
+    job_id = env.create_job(training_file=env.upload(rows), policy="rl-series", method={
+        "type": "reinforcement", "grader": {"type": "string_check", "operation": "eq"},
+        "hyperparameters": {"steps": 3, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2}})
+    worker = env.worker()
+    seen = None
+    deadline = time.monotonic() + 120
+    while seen is None and time.monotonic() < deadline:
+        worker.run_once()
+        seen = metrics.REGISTRY.get_sample_value("lorafleet_train_reward_mean", {"job": job_id})
+    assert seen is not None and 0.0 <= seen <= 1.0
+    env.run_until_done(worker, [job_id], timeout=120)
+    assert env.job(job_id).status == "succeeded", env.job(job_id).error
+    assert metrics.REGISTRY.get_sample_value("lorafleet_train_reward_mean", {"job": job_id}) is None
