@@ -95,6 +95,14 @@ ROLLOUT_TRANSITIONS: dict[RolloutState, frozenset[RolloutState]] = {
 }
 
 
+class ReplicaState(StrEnum):
+    """What a replica's row says of it. A replica stopped on purpose writes DOWN; one that died
+    leaves UP behind and goes silent, which is what the heartbeat-age gauge and alert look for."""
+
+    UP = "up"
+    DOWN = "down"
+
+
 class ReplicaRole(StrEnum):
     TRAINER = "trainer"
     SERVING = "serving"

@@ -16,10 +16,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from lorafleet.platform import metrics as m
 from lorafleet.platform.db import models
-from lorafleet.platform.domain.enums import JobStatus, RolloutState
+from lorafleet.platform.domain.enums import JobStatus, ReplicaState, RolloutState
 
-REPLICA_DOWN = "down"
-"""The state a replica writes when it stops on purpose: its silence is not a lost heartbeat."""
 FORGET_REPLICAS_AFTER = timedelta(hours=24)
 """A replica silent this long drops out of the heartbeat gauge (its pod is long replaced)."""
 
@@ -62,7 +60,7 @@ def refresh_from_database(session: Session, *, now: datetime | None = None) -> N
 
     replicas = session.execute(
         select(models.Replica.id, models.Replica.role, models.Replica.heartbeat_at).where(
-            models.Replica.state != REPLICA_DOWN,
+            models.Replica.state != ReplicaState.DOWN,
             models.Replica.heartbeat_at >= now - FORGET_REPLICAS_AFTER,
         )
     ).all()

@@ -15,46 +15,34 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lorafleet.platform.db import models, transaction
+from lorafleet.platform.db import record_heartbeat, transaction
+from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 15.0
 """A quarter of the alert's 60 s threshold: one missed beat never pages anyone."""
-STATE_UP = "up"
-STATE_DOWN = "down"
 
 
-def write_heartbeat(sessions: sessionmaker[Session], *, replica_id: str, role: str, state: str,
-                    capacity: dict[str, Any]) -> None:
-    with transaction(sessions) as session:
-        row = session.get(models.Replica, replica_id)
-        if row is None:
-            row = models.Replica(id=replica_id, role=role, started_at=models.utcnow())
-            session.add(row)
-        row.capacity = capacity
-        row.state = state
-        row.heartbeat_at = models.utcnow()
-
-
-def start_heartbeat(sessions: sessionmaker[Session], *, replica_id: str, role: str, alive: Callable[[], bool],
+def start_heartbeat(sessions: sessionmaker[Session], *, replica_id: str, role: ReplicaRole, alive: Callable[[], bool],
                     stop: threading.Event, capacity: dict[str, Any],
                     interval_seconds: float = HEARTBEAT_SECONDS) -> threading.Thread:
     """Beat while ``alive()`` and ``stop`` is not set; on ``stop`` mark the row down. A worker
     that died without ``stop`` leaves its row up and silent, which is what the alert looks for."""
 
-    def beat(state: str) -> None:
+    def beat(state: ReplicaState) -> None:
         try:
-            write_heartbeat(sessions, replica_id=replica_id, role=role, state=state, capacity=capacity)
+            with transaction(sessions) as session:
+                record_heartbeat(session, replica_id=replica_id, role=role, state=state, capacity=capacity)
         except SQLAlchemyError as exc:  # the database blinked: the next beat tries again
             log.warning("heartbeat of %s %s failed: %s", role, replica_id, exc)
 
     def run() -> None:
         while alive() and not stop.is_set():
-            beat(STATE_UP)
+            beat(ReplicaState.UP)
             stop.wait(interval_seconds)
         if stop.is_set():
-            beat(STATE_DOWN)
+            beat(ReplicaState.DOWN)
 
     thread = threading.Thread(target=run, name=f"lorafleet-{role}-heartbeat", daemon=True)
     thread.start()

@@ -98,7 +98,7 @@ def up(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int |
     replica = build_serving(settings, sessions=state.sessions, store=state.store)
     trainer = TrainerWorker(settings, sessions=state.sessions, store=state.store, queue=state.queue)
     trainer_thread, trainer_stop = trainer.start_background()
-    trainer_beats = start_heartbeat(state.sessions, replica_id=trainer.worker_id, role=ReplicaRole.TRAINER.value,
+    trainer_beats = start_heartbeat(state.sessions, replica_id=trainer.worker_id, role=ReplicaRole.TRAINER,
                                     alive=trainer_thread.is_alive, stop=trainer_stop,
                                     capacity={"max_concurrent_jobs": trainer.max_concurrent_jobs})
     controller_thread, controller_stop = start_controller(settings)
@@ -194,7 +194,7 @@ def trainer(max_concurrent_jobs: Annotated[int, typer.Option()] = 4,
     thread, stop = worker.start_background()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    beats = start_heartbeat(worker.sessions, replica_id=worker.worker_id, role=ReplicaRole.TRAINER.value,
+    beats = start_heartbeat(worker.sessions, replica_id=worker.worker_id, role=ReplicaRole.TRAINER,
                             alive=thread.is_alive, stop=stop,
                             capacity={"max_concurrent_jobs": max_concurrent_jobs})
     while thread.is_alive():

@@ -20,11 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lorafleet.platform import metrics
 from lorafleet.platform.auth import create_api_key
 from lorafleet.platform.db import models, transaction
-from lorafleet.platform.domain.enums import ReplicaRole, RolloutState, Scope
+from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState, RolloutState, Scope
 from lorafleet.platform.domain.errors import LorafleetError, Unavailable
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, PolicyPointerChanged
-from lorafleet.services.rollout.client import ReplicaError
-from lorafleet.services.rollout.planner import REPLICA_UP, ReplicaView, Verdict, decide, plan_targets
 from lorafleet.platform.rollouts.requests import ACTIVE_STATES, flip_pointer
 from lorafleet.platform.rollouts.schemas import (
     ReplicaPhase,
@@ -35,6 +33,8 @@ from lorafleet.platform.rollouts.schemas import (
     parse_plan,
     parse_states,
 )
+from lorafleet.services.rollout.client import ReplicaError
+from lorafleet.services.rollout.planner import ReplicaView, Verdict, decide, plan_targets
 
 if TYPE_CHECKING:
     from lorafleet.services.rollout.controller import RolloutController
@@ -295,7 +295,7 @@ class Driver:
             view = views.get(rid)
             if (
                 view is not None
-                and view.state == REPLICA_UP
+                and view.state == ReplicaState.UP
                 and view.heartbeat_age_seconds <= self.o.rollout_heartbeat_timeout_seconds
             ):
                 continue

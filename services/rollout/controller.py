@@ -50,14 +50,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.platform import metrics
 from lorafleet.platform.db import models, transaction
-from lorafleet.platform.domain.enums import ReplicaRole, RolloutState
+from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState, RolloutState
 from lorafleet.platform.domain.ids import new_ulid
 from lorafleet.platform.events import EventBus
+from lorafleet.platform.rollouts.requests import ACTIVE_STATES
 from lorafleet.services.rollout._driver import SMOKE_KEY_PREFIX, Driver, now_utc
 from lorafleet.services.rollout.client import ReplicaClient, ReplicaError
 from lorafleet.services.rollout.options import ControllerOptions
-from lorafleet.services.rollout.planner import REPLICA_UP
-from lorafleet.platform.rollouts.requests import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -212,7 +211,7 @@ class RolloutController:
                 session.scalars(
                     select(models.Replica).where(
                         models.Replica.role == ReplicaRole.SERVING.value,
-                        models.Replica.state == REPLICA_UP,
+                        models.Replica.state == ReplicaState.UP,
                         models.Replica.heartbeat_at >= cutoff,
                     )
                 )

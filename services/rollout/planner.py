@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from lorafleet.platform.domain.enums import ReplicaRole
+from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState
 from lorafleet.platform.domain.errors import InvalidRequest, Unavailable
 from lorafleet.platform.rollouts.schemas import (
     ReplicaCount,
@@ -19,8 +19,6 @@ from lorafleet.platform.rollouts.schemas import (
     RolloutPlan,
     TargetSpec,
 )
-
-REPLICA_UP = "up"
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ def is_live(replica: ReplicaView, *, base_model_id: str, heartbeat_timeout: floa
     return (
         replica.role == ReplicaRole.SERVING
         and replica.base_model_id == base_model_id
-        and replica.state == REPLICA_UP
+        and replica.state == ReplicaState.UP
         and replica.heartbeat_age_seconds <= heartbeat_timeout
     )
 

@@ -23,15 +23,11 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lorafleet.platform.db import models, transaction
-from lorafleet.platform.domain.enums import ReplicaRole
+from lorafleet.platform.db import record_heartbeat, transaction
+from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState
 from lorafleet.services.serving.engine.base import Engine, ResidentAdapter, Tier
 
 log = logging.getLogger(__name__)
-
-STATE_UP = "up"
-STATE_DOWN = "down"
-
 
 class ResidentEntry(BaseModel):
     # Observed state, read by other processes of possibly other versions: unknown fields ignored.
@@ -87,7 +83,7 @@ class ReplicaAgent:
     async def start(self) -> None:
         """Register (raising if the database is unreachable: a replica nobody can find is useless),
         then heartbeat in the background."""
-        await anyio.to_thread.run_sync(self._beat, STATE_UP)
+        await anyio.to_thread.run_sync(self._beat, ReplicaState.UP)
         self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self.replica_id}")
 
     async def stop(self) -> None:
@@ -97,7 +93,7 @@ class ReplicaAgent:
                 await self._task
             self._task = None
         try:
-            await anyio.to_thread.run_sync(self._beat, STATE_DOWN)
+            await anyio.to_thread.run_sync(self._beat, ReplicaState.DOWN)
         except SQLAlchemyError as exc:  # shutting down anyway; the stale heartbeat tells the rest
             log.warning("could not mark replica %s down: %s", self.replica_id, exc)
 
@@ -112,9 +108,9 @@ class ReplicaAgent:
         return ResidentReport.of(self.engine.resident())
 
     async def heartbeat(self) -> None:
-        await anyio.to_thread.run_sync(self._beat, STATE_UP)
+        await anyio.to_thread.run_sync(self._beat, ReplicaState.UP)
 
-    def _beat(self, state: str) -> None:
+    def _beat(self, state: ReplicaState) -> None:
         # The report is built in the worker thread too: listing what is resident reads the disk
         # cache's index (file lock, JSON), which must not stall the event loop that streams tokens,
         # and a rollout pokes a heartbeat after every warm.
@@ -130,15 +126,15 @@ class ReplicaAgent:
             except SQLAlchemyError as exc:  # the database blinked: the next beat tries again
                 log.warning("heartbeat of replica %s failed: %s", self.replica_id, exc)
 
-    def _write(self, state: str, report: ResidentReport) -> None:
+    def _write(self, state: ReplicaState, report: ResidentReport) -> None:
         with transaction(self.sessions) as session:
-            row = session.get(models.Replica, self.replica_id)
-            if row is None:
-                row = models.Replica(id=self.replica_id, role=ReplicaRole.SERVING.value, started_at=models.utcnow())
-                session.add(row)
-            row.base_model_id = self.engine.base_model_id
-            row.address = self.address
-            row.capacity = self.capacity
-            row.resident = report.model_dump(mode="json")
-            row.state = state
-            row.heartbeat_at = models.utcnow()
+            record_heartbeat(
+                session,
+                replica_id=self.replica_id,
+                role=ReplicaRole.SERVING,
+                state=state,
+                base_model_id=self.engine.base_model_id,
+                address=self.address,
+                capacity=self.capacity,
+                resident=report.model_dump(mode="json"),
+            )

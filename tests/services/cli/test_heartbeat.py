@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lorafleet.platform import metrics as m
 from lorafleet.platform.db import make_engine, make_sessionmaker, models
 from lorafleet.platform.db.migrate import upgrade
+from lorafleet.platform.domain.enums import ReplicaRole
 from lorafleet.platform.metrics import fleet
 from lorafleet.services.cli._heartbeat import start_heartbeat
 
@@ -45,7 +46,7 @@ def _wait_for(predicate: object, timeout: float = 5.0) -> None:
 
 def test_beats_while_alive_and_goes_down_on_stop(sessions: sessionmaker[Session]) -> None:
     stop = threading.Event()
-    beats = start_heartbeat(sessions, replica_id="trainer-a", role="trainer", alive=lambda: True, stop=stop,
+    beats = start_heartbeat(sessions, replica_id="trainer-a", role=ReplicaRole.TRAINER, alive=lambda: True, stop=stop,
                             capacity={"max_concurrent_jobs": 4}, interval_seconds=0.05)
     _wait_for(lambda: _row_or_none(sessions, "trainer-a") is not None)
     first = _row(sessions, "trainer-a")
@@ -60,7 +61,7 @@ def test_a_dead_worker_leaves_a_silent_row_whose_age_rises(sessions: sessionmake
     alive = threading.Event()
     alive.set()
     stop = threading.Event()
-    beats = start_heartbeat(sessions, replica_id="trainer-b", role="trainer", alive=alive.is_set, stop=stop,
+    beats = start_heartbeat(sessions, replica_id="trainer-b", role=ReplicaRole.TRAINER, alive=alive.is_set, stop=stop,
                             capacity={}, interval_seconds=0.05)
     _wait_for(lambda: _row_or_none(sessions, "trainer-b") is not None)
     alive.clear()  # the worker thread died; nobody asked it to stop
