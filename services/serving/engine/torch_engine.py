@@ -30,7 +30,7 @@ from lorafleet.platform import metrics
 from lorafleet.platform.domain.architecture import ArchitectureSpec
 from lorafleet.platform.domain.errors import InvalidRequest, LorafleetError, Unavailable
 from lorafleet.platform.modeling import CausalLM, DeviceAdapterBank
-from lorafleet.services.serving.admission import BACKGROUND, FOREGROUND, AdmissionController
+from lorafleet.services.serving.admission import BACKGROUND, FOREGROUND, AdmissionController, LoadKind
 from lorafleet.services.serving.engine._batcher import Batcher, Row, RowEvent
 from lorafleet.services.serving.engine._sampler import RowSampling
 from lorafleet.services.serving.engine._text import IncrementalDetokenizer, StopStringFilter
@@ -150,14 +150,19 @@ class TorchEngine:
             self._require_running()
         if self.tiers.holds(adapter.revision_id, tier):
             return await self.tiers.load(adapter, tier=tier, pin=pin)
-        report = await self.admission.run(
-            _load_key(adapter.revision_id, tier),
-            partial(self.tiers.load, adapter, tier=tier, pin=False),
-            kind=BACKGROUND,
-        )
+        report = await self._admitted_load(adapter, tier, kind=BACKGROUND)
         if pin:  # after the shared load: a caller that joined it still gets its own pin
             await self.tiers.load(adapter, tier=tier, pin=True)
         return report
+
+    async def _admitted_load(self, adapter: AdapterHandle, tier: Tier, *, kind: LoadKind) -> LoadReport:
+        """Load to ``tier`` through admission control (unpinned), shared by every caller asking
+        for the same revision and tier while it runs."""
+        return await self.admission.run(
+            f"{tier.value}:{adapter.revision_id}",
+            partial(self.tiers.load, adapter, tier=tier, pin=False),
+            kind=kind,
+        )
 
     def unpin(self, revision_id: str) -> None:
         self.tiers.unpin(revision_id)
@@ -184,11 +189,7 @@ class TorchEngine:
             try:
                 cold = not self.tiers.holds(adapter.revision_id, Tier.DEVICE)
                 if cold:  # a scheduled cold load: bounded, deduplicated, or refused with Retry-After
-                    await self.admission.run(
-                        _load_key(adapter.revision_id, Tier.DEVICE),
-                        partial(self.tiers.load, adapter, tier=Tier.DEVICE, pin=False),
-                        kind=FOREGROUND,
-                    )
+                    await self._admitted_load(adapter, Tier.DEVICE, kind=FOREGROUND)
                 acquired = await self.tiers.acquire(adapter)
             except BaseException:
                 metrics.GEN_REQUESTS.labels(outcome="error").inc()
@@ -318,7 +319,3 @@ class _InterTokenFeed:
         self._histogram.observe(seconds)
         self._admission.observe_step_latency(seconds)
 
-
-def _load_key(revision_id: str, tier: Tier) -> str:
-    """Admission dedupes loads by this key: one load per revision and target tier."""
-    return f"{tier.value}:{revision_id}"

@@ -298,22 +298,20 @@ class AdapterTiers:
     async def _ensure_device(self, rid: str, *, deadline: float) -> tuple[int, float | None]:
         """(slot, install seconds when this caller installed it)."""
         while True:
-            waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
-            install: concurrent.futures.Future[None] | None = None
-            leader = False
             with self._lock:
                 if rid not in self._host:
                     raise InvalidRequest(f"revision {rid} is not in host memory", code="adapter_not_in_host")
                 slot = self._policy.assign_device(rid)
-                if slot is None:
-                    self._waiters.append(waiter)
-                elif rid in self._device_ready:
+                if slot is not None and rid in self._device_ready:
                     return slot, None
+                if slot is not None:
+                    running = self._installs.get(rid)
+                    leader = running is None
+                    install = self._start_install(rid, slot) if running is None else running
                 else:
-                    install = self._installs.get(rid)
-                    if install is None:
-                        install, leader = self._start_install(rid, slot), True
-            if slot is not None and install is not None:
+                    waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+                    self._waiters.append(waiter)
+            if slot is not None:
                 start = time.perf_counter()
                 await asyncio.shield(asyncio.wrap_future(install))
                 return slot, (time.perf_counter() - start if leader else None)
