@@ -301,8 +301,14 @@ class TorchEngine:
             on_done=None if adapter is None else partial(self.tiers.release, adapter.revision_id),
             arrival=arrival,
             ttft=metrics.TTFT_SECONDS.labels(policy=policy, first_request="true" if request.first_request else "false"),
-            itl=_InterTokenFeed(metrics.ITL_SECONDS.labels(policy=policy), self.admission),
+            itl=self._itl_observer(policy),
         )
+
+    def _itl_observer(self, policy: str) -> Any:
+        """The row's inter-token observer: the histogram alone, or with the admission pacer when
+        background loads are paced (every decode token passes through it: no extra call otherwise)."""
+        histogram = metrics.ITL_SECONDS.labels(policy=policy)
+        return histogram if self.admission.pacer is None else _InterTokenFeed(histogram, self.admission)
 
 
 class _InterTokenFeed:

@@ -316,3 +316,17 @@ def test_corrupted_bundle_is_refused_and_others_keep_serving(
     assert isinstance(base_out, list) and base_out[-1].finish_reason == "length"
     resident = {r.revision_id for r in torch_engine.resident()}
     assert victim.handle.revision_id not in resident and foreign.handle.revision_id not in resident
+
+
+@pytest.mark.parametrize("budget", [None, 10.0], ids=["unpaced", "paced"])
+def test_decode_latency_reaches_the_admission_pacer_only_when_pacing(
+    make_engine: EngineFactory, serving_base: ServingBase, budget: float | None
+) -> None:
+    engine = make_engine(step_latency_budget_seconds=budget)
+    asyncio.run(collect(engine, request(prompts(serving_base, 1)[0])))  # 12 tokens: 11 inter-token gaps
+    if budget is None:
+        assert engine.admission.pacer is None
+    else:
+        assert engine.admission.pacer is not None
+        recent = engine.admission.pacer.recent()
+        assert recent is not None and 0.0 < recent < budget
