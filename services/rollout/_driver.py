@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lorafleet.platform import metrics
 from lorafleet.platform.auth import create_api_key
 from lorafleet.platform.db import models, transaction
-from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState, RolloutState, Scope
+from lorafleet.platform.domain.enums import ROLLOUT_TRANSITIONS, ReplicaState, RolloutState, Scope
 from lorafleet.platform.domain.errors import LorafleetError, Unavailable
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, PolicyPointerChanged
 from lorafleet.platform.rollouts.requests import ACTIVE_STATES, flip_pointer
@@ -92,6 +92,11 @@ class Driver:
         self.id = rollout_id
         self.snap: _Snapshot | None = None
         self._write_lock = asyncio.Lock()
+        self._changes = 0
+        """Changes made to the snapshot so far (each :meth:`_save` call counts one)..."""
+        self._written = 0
+        """...and how many of them the row holds: a save whose change an earlier write already
+        carried returns at once, so replicas reporting together cost one write."""
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._addresses: dict[str, str] = {}
         self._smoke_key: str | None = None
@@ -109,7 +114,8 @@ class Driver:
         try:
             self.snap = await self.c._db(self._load)
             self.s.plan.drivers.append(self.c.id)
-            await self._save()
+            if self.s.state != RolloutState.PENDING:  # a pending rollout records it with its first state
+                await self._save()
             if self.s.state == RolloutState.PENDING:
                 await self._start_warming()
             if self.s.state == RolloutState.WARMING:
@@ -156,7 +162,7 @@ class Driver:
 
     # -- stage 0: choose targets --------------------------------------------------------------------
     async def _start_warming(self) -> None:
-        views = await self.c._db(self._replica_views)
+        views = await self._replica_views()
         try:
             plan = plan_targets(
                 self.s.plan.spec,
@@ -195,9 +201,7 @@ class Driver:
                     self.s.plan.replicas.append(rid)
                     self.s.states[rid] = ReplicaProgress(updated_at=time.time())
                 await self._save()
-            for rid in self.s.plan.replicas:
-                if not self.s.states[rid].phase.terminal and rid not in self._workers:
-                    self._start_worker(rid, deadline)
+            await self._start_workers(deadline)
             pending = [t for t in self._workers.values() if not t.done()]
             if pending:
                 await asyncio.wait(
@@ -210,6 +214,28 @@ class Driver:
         self.s.stage_seconds["warming"] = round(time.time() - started, 4)
         metrics.ROLLOUT_SECONDS.labels(stage="warming", outcome="ready").observe(self.s.stage_seconds["warming"])
         await self._save(state=RolloutState.READY)
+
+    async def _start_workers(self, deadline: float) -> None:
+        """A worker for each target that is not done and has none: all of them recorded as loading
+        (from here each may hold a pin) in one write, before any warm is sent."""
+        fresh = [
+            rid for rid in self.s.plan.replicas if not self.s.states[rid].phase.terminal and rid not in self._workers
+        ]
+        if not fresh:
+            return
+        now = time.time()
+        for rid in fresh:
+            progress = self.s.states[rid]
+            if rid in self._addresses:
+                progress.phase, progress.loaded = ReplicaPhase.LOADING, True
+            else:
+                progress.phase = ReplicaPhase.FAILED
+                progress.error = {"code": "replica_unreachable", "message": "the replica has no address"}
+            progress.updated_at = now
+        await self._save()
+        for rid in fresh:
+            if self.s.states[rid].phase == ReplicaPhase.LOADING:
+                self._start_worker(rid, deadline)
 
     def _start_worker(self, rid: str, deadline: float) -> None:
         task = asyncio.create_task(self._warm_one(rid, deadline), name=f"warm-{self.id}-{rid}")
@@ -224,17 +250,10 @@ class Driver:
         task.add_done_callback(done)
 
     async def _warm_one(self, rid: str, deadline: float) -> None:
+        """Warm (and smoke) one target that :meth:`_start_workers` recorded as loading."""
         progress = self.s.states[rid]
-        address = self._addresses.get(rid)
-        if address is None:
-            await self._set(
-                rid,
-                phase=ReplicaPhase.FAILED,
-                error={"code": "replica_unreachable", "message": "the replica has no address"},
-            )
-            return
+        address = self._addresses[rid]
         try:
-            await self._set(rid, phase=ReplicaPhase.LOADING, loaded=True)  # from here it may hold a pin
 
             def attempt() -> None:
                 progress.attempts += 1
@@ -286,7 +305,7 @@ class Driver:
 
     async def _check_liveness(self) -> None:
         """Replicas of the plan that stopped heartbeating are lost (their worker is stopped)."""
-        views = {v.id: v for v in await self.c._db(self._replica_views)}
+        views = {v.id: v for v in await self._replica_views()}
         changed = False
         for rid in self.s.plan.replicas:
             progress = self.s.states[rid]
@@ -491,11 +510,17 @@ class Driver:
     async def _save(
         self, *, state: RolloutState | None = None, error: dict[str, Any] | None = None, release: bool = False
     ) -> None:
+        self._changes += 1
+        change = self._changes
         async with self._write_lock:
+            if state is None and error is None and not release and self._written >= change:
+                return  # a write that started after this change recorded it already (group commit)
+            upto = self._changes
             plan = self.s.plan.model_dump(mode="json")
             states = dump_states(self.s.states)
             stages = dict(self.s.stage_seconds)
             await self.c._db(self._write, plan, states, stages, state, error, release)
+            self._written = upto
             if state is not None:
                 self.s.state = state
 
@@ -508,21 +533,42 @@ class Driver:
         error: dict[str, Any] | None,
         release: bool,
     ) -> None:
+        """One conditional UPDATE, fenced on the lease and on a state the change may start from;
+        only when it matches nothing is the row read, to say why (lease lost, cancelled, or a
+        transition the table forbids)."""
+        values: dict[str, Any] = {
+            "targets": plan,
+            "replica_states": states,
+            "stage_seconds": stages,
+            "lease_expires_at": None if release else now_utc() + timedelta(seconds=self.o.rollout_lease_seconds),
+        }
+        if release:
+            values["lease_owner"] = None
+        if error is not None:
+            values["error"] = error
+        starts = ACTIVE_STATES
+        if state is not None:
+            values["state"] = state.value
+            starts = tuple(
+                s.value for s in RolloutState if s.active and (s == state or state in ROLLOUT_TRANSITIONS[s])
+            )
         with transaction(self.sessions) as session:
-            row = self._owned_row(session)
-            if state is not None and state != row.state:
-                RolloutState(row.state).check_transition(state)
-                row.state = state.value
-            row.targets = plan
-            row.replica_states = states
-            row.stage_seconds = stages
-            if error is not None:
-                row.error = error
-            if release:
-                row.lease_owner = None
-                row.lease_expires_at = None
-            else:
-                row.lease_expires_at = now_utc() + timedelta(seconds=self.o.rollout_lease_seconds)
+            result = session.execute(
+                update(models.Rollout)
+                .where(
+                    models.Rollout.id == self.id,
+                    models.Rollout.lease_owner == self.c.id,
+                    models.Rollout.state.in_(starts),
+                )
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return
+            row = self._owned_row(session)  # raises LeaseLost / RolloutCancelled
+            if state is not None:
+                RolloutState(row.state).check_transition(state)  # raises InvalidTransition
+            raise LeaseLost(f"the rollout row did not match ({row.state})")
 
     def _load(self) -> _Snapshot:
         with self.sessions() as session:
@@ -548,28 +594,10 @@ class Driver:
                 stage_seconds=dict(row.stage_seconds or {}),
             )
 
-    def _replica_views(self) -> list[ReplicaView]:
-        now = now_utc()
-        with self.sessions() as session:
-            rows = list(session.scalars(select(models.Replica).where(models.Replica.role == ReplicaRole.SERVING.value)))
-        for r in rows:
-            if r.address:
-                self._addresses[r.id] = r.address
-        return [
-            ReplicaView(
-                id=r.id,
-                role=r.role,
-                base_model_id=r.base_model_id,
-                state=r.state,
-                heartbeat_age_seconds=(now - r.heartbeat_at).total_seconds(),
-                device_revisions=frozenset(
-                    e["revision_id"]
-                    for e in (r.resident or {}).get("tiers", {}).get("device", [])
-                    if isinstance(e, dict) and "revision_id" in e
-                ),
-            )
-            for r in rows
-        ]
+    async def _replica_views(self) -> list[ReplicaView]:
+        views = await self.c.replica_views()
+        self._addresses.update({v.id: v.address for v in views if v.address})
+        return views
 
     def _mint_smoke_key(self) -> str:
         with transaction(self.sessions) as session:

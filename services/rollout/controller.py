@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -57,9 +58,13 @@ from lorafleet.platform.rollouts.requests import ACTIVE_STATES
 from lorafleet.services.rollout._driver import SMOKE_KEY_PREFIX, Driver, now_utc
 from lorafleet.services.rollout.client import ReplicaClient, ReplicaError
 from lorafleet.services.rollout.options import ControllerOptions
+from lorafleet.services.rollout.planner import ReplicaView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+VIEWS_MAX_AGE_SECONDS = 0.25
+"""How stale the replica rows that drivers share may be (and never more than half a poll)."""
 
 
 class RolloutController:
@@ -75,11 +80,12 @@ class RolloutController:
         self.client = client
         self.bus = bus
         self.options = options or ControllerOptions()
-        self.id = (
-            self.options.rollout_controller_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
-        )
+        self.id = self.options.rollout_controller_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._last_reconcile = 0.0
+        self._views: list[ReplicaView] | None = None
+        self._views_at = 0.0
+        self._views_lock = asyncio.Lock()
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -144,7 +150,41 @@ class RolloutController:
                 log.warning("could not unpin %s on %s: %s", revision_id, address, exc.message)
         return done
 
+    async def replica_views(self) -> list[ReplicaView]:
+        """The serving replicas' rows, read once for all drivers at most every
+        ``VIEWS_MAX_AGE_SECONDS`` (each of N concurrent rollouts checks its targets' liveness on
+        every turn of its loop); heartbeat ages include the time since the read."""
+        max_age = min(VIEWS_MAX_AGE_SECONDS, self.options.rollout_poll_seconds / 2)
+        async with self._views_lock:
+            if self._views is None or time.monotonic() - self._views_at > max_age:
+                self._views = await self._db(self._read_replica_views)
+                self._views_at = time.monotonic()
+            views, read_at = self._views, self._views_at
+        since = time.monotonic() - read_at
+        return [dataclasses.replace(v, heartbeat_age_seconds=v.heartbeat_age_seconds + since) for v in views]
+
     # -- database work (blocking; run in a worker thread) -------------------------------------------
+    def _read_replica_views(self) -> list[ReplicaView]:
+        now = now_utc()
+        with self.sessions() as session:
+            rows = list(session.scalars(select(models.Replica).where(models.Replica.role == ReplicaRole.SERVING.value)))
+            return [
+                ReplicaView(
+                    id=r.id,
+                    role=r.role,
+                    base_model_id=r.base_model_id,
+                    state=r.state,
+                    heartbeat_age_seconds=(now - r.heartbeat_at).total_seconds(),
+                    device_revisions=frozenset(
+                        e["revision_id"]
+                        for e in (r.resident or {}).get("tiers", {}).get("device", [])
+                        if isinstance(e, dict) and "revision_id" in e
+                    ),
+                    address=r.address or None,
+                )
+                for r in rows
+            ]
+
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args)
 
@@ -183,9 +223,7 @@ class RolloutController:
 
     def _refresh_gauges(self) -> None:
         with self.sessions() as session:
-            rows = session.execute(
-                select(models.Rollout.state, func.count()).group_by(models.Rollout.state)
-            ).all()
+            rows = session.execute(select(models.Rollout.state, func.count()).group_by(models.Rollout.state)).all()
         counts = {state: n for state, n in rows}
         for state in RolloutState:
             metrics.ROLLOUTS.labels(state=state.value).set(counts.get(state.value, 0))
@@ -228,19 +266,14 @@ class RolloutController:
                 )
             )
             policy_ids = set(
-                session.scalars(
-                    select(models.AdapterRevision.policy_id).where(models.AdapterRevision.id.in_(every))
-                )
+                session.scalars(select(models.AdapterRevision.policy_id).where(models.AdapterRevision.id.in_(every)))
             )
             window_start = now_utc() - timedelta(seconds=self.options.rollout_keep_warm_seconds)
             for policy in session.scalars(select(models.Policy).where(models.Policy.id.in_(policy_ids))):
                 if policy.updated_at >= window_start:
                     needed |= {policy.serving_revision_id, policy.previous_revision_id} - {None}  # type: ignore[arg-type]
         return [
-            (address, rev)
-            for _, (address, revs) in sorted(pinned.items())
-            for rev in sorted(revs - needed)
-            if address
+            (address, rev) for _, (address, revs) in sorted(pinned.items()) for rev in sorted(revs - needed) if address
         ]
 
 
@@ -251,10 +284,6 @@ def _pinned_revisions(resident: dict[str, Any] | None) -> set[str]:
     if isinstance(tiers, dict):
         for entries in tiers.values():
             for entry in entries if isinstance(entries, list) else []:
-                if (
-                    isinstance(entry, dict)
-                    and entry.get("pinned")
-                    and isinstance(entry.get("revision_id"), str)
-                ):
+                if isinstance(entry, dict) and entry.get("pinned") and isinstance(entry.get("revision_id"), str):
                     out.add(entry["revision_id"])
     return out

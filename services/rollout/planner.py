@@ -32,6 +32,8 @@ class ReplicaView:
     heartbeat_age_seconds: float
     device_revisions: frozenset[str] = frozenset()
     """Revisions its last heartbeat reported on the device tier."""
+    address: str | None = None
+    """Where its agent listens (None: it registered none)."""
 
 
 def is_live(replica: ReplicaView, *, base_model_id: str, heartbeat_timeout: float) -> bool:
@@ -53,9 +55,7 @@ def plan_targets(
 ) -> RolloutPlan:
     """Choose the replicas to warm. Raises ``Unavailable`` when too few are live, ``InvalidRequest``
     when a named replica is not a serving replica of the policy's base."""
-    live = [
-        r for r in replicas if is_live(r, base_model_id=base_model_id, heartbeat_timeout=heartbeat_timeout)
-    ]
+    live = [r for r in replicas if is_live(r, base_model_id=base_model_id, heartbeat_timeout=heartbeat_timeout)]
     # Replicas already holding the revision first (cheapest), then the least loaded, then by id.
     live.sort(key=lambda r: (revision_id not in r.device_revisions, len(r.device_revisions), r.id))
     if spec == "all":
@@ -75,9 +75,7 @@ def plan_targets(
                 retry_after=5.0,
             )
         chosen = [r.id for r in live[: spec.count]]
-        return RolloutPlan(
-            spec=spec, replicas=chosen, spares=[r.id for r in live[spec.count :]], required=spec.count
-        )
+        return RolloutPlan(spec=spec, replicas=chosen, spares=[r.id for r in live[spec.count :]], required=spec.count)
     known = {r.id: r for r in replicas}
     wanted = list(dict.fromkeys(spec))
     for rid in wanted:
@@ -90,8 +88,7 @@ def plan_targets(
             )
         if not is_live(row, base_model_id=base_model_id, heartbeat_timeout=heartbeat_timeout):
             raise Unavailable(
-                f"replica {rid} is not live (state {row.state}, heartbeat "
-                f"{row.heartbeat_age_seconds:.0f}s ago)",
+                f"replica {rid} is not live (state {row.state}, heartbeat {row.heartbeat_age_seconds:.0f}s ago)",
                 code="replica_unavailable",
                 retry_after=5.0,
             )
