@@ -35,6 +35,7 @@ from lorafleet.platform.events import event_backend, make_event_bus
 from lorafleet.services.serving.agent import ReplicaAgent, internal_router
 from lorafleet.services.serving.api import Resolver, openai_router
 from lorafleet.services.serving.api import errors as http_errors
+from lorafleet.services.serving.api.auth import KeyCache
 from lorafleet.services.serving.api.pointer_events import PointerWatch
 from lorafleet.services.serving.engine.base import Engine
 
@@ -55,6 +56,9 @@ class ServingOptions(BaseModel):
     serving_heartbeat_seconds: float = Field(default=5.0, gt=0)
     serving_resolve_ttl_seconds: float = Field(default=1.0, ge=0)
     """How long a policy's serving pointer is cached before it is read again."""
+    serving_auth_cache_seconds: float = Field(default=5.0, ge=0)
+    """How long a verified API key is trusted without asking the database again (so a revoked
+    key still works on replicas for up to this long); 0: every request asks."""
     serving_device: str = "cpu"
     serving_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     serving_max_batch_rows: int = Field(default=64, ge=1)
@@ -238,6 +242,7 @@ def build_serving(
         capacity=capacity,
         heartbeat_seconds=options.serving_heartbeat_seconds,
     )
+    keys = KeyCache(sessions, ttl_seconds=options.serving_auth_cache_seconds)
     resolver = Resolver(
         sessions,
         served_base_ids=frozenset({engine.base_model_id}),
@@ -257,8 +262,8 @@ def build_serving(
     lifecycle = APIRouter(lifespan=replica.lifespan)
     replica.routers = (
         lifecycle,
-        openai_router(engine=engine, resolver=resolver, sessions=sessions),
-        internal_router(engine=engine, agent=agent, sessions=sessions),
+        openai_router(engine=engine, resolver=resolver, sessions=sessions, keys=keys),
+        internal_router(engine=engine, agent=agent, sessions=sessions, keys=keys),
     )
     return replica
 

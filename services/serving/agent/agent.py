@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -69,6 +70,7 @@ class ReplicaAgent:
         address: str,
         capacity: dict[str, Any],
         heartbeat_seconds: float = 5.0,
+        poke_gap_seconds: float = 0.5,
     ) -> None:
         self.sessions = sessions
         self.engine = engine
@@ -76,8 +78,12 @@ class ReplicaAgent:
         self.address = address
         self.capacity = capacity
         self.heartbeat_seconds = heartbeat_seconds
+        self.poke_gap_seconds = min(poke_gap_seconds, heartbeat_seconds)
+        """Poked beats come at most this often: a rollout of N revisions pokes after every warm,
+        and one beat reports all that changed meanwhile."""
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._last_beat = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,6 +117,7 @@ class ReplicaAgent:
         await anyio.to_thread.run_sync(self._beat, ReplicaState.UP)
 
     def _beat(self, state: ReplicaState) -> None:
+        self._last_beat = time.monotonic()
         # The report is built in the worker thread too: listing what is resident reads the disk
         # cache's index (file lock, JSON), which must not stall the event loop that streams tokens,
         # and a rollout pokes a heartbeat after every warm.
@@ -120,6 +127,9 @@ class ReplicaAgent:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_seconds)
+            gap = self._last_beat + self.poke_gap_seconds - time.monotonic()
+            if gap > 0:  # poked right after a beat: let more changes gather into the next one
+                await asyncio.sleep(gap)
             self._wake.clear()
             try:
                 await self.heartbeat()

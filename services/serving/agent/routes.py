@@ -9,9 +9,11 @@ under ``/internal``; an ingress in front of the replicas should not route that p
 # No ``from __future__ import annotations``: the endpoint signatures use a dependency alias built
 # inside the router factory, which FastAPI can only see when annotations are evaluated eagerly.
 
+import threading
 from typing import Annotated, Literal
 
 import anyio
+from cachetools import LRUCache
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +23,7 @@ from lorafleet.platform.auth import Principal
 from lorafleet.platform.db import models
 from lorafleet.platform.domain.errors import Conflict, NotFound
 from lorafleet.services.serving.agent.agent import ReplicaAgent
-from lorafleet.services.serving.api.auth import require_platform_admin
+from lorafleet.services.serving.api.auth import KeyCache, require_platform_admin
 from lorafleet.services.serving.engine.base import AdapterHandle, Engine, Tier
 
 
@@ -84,11 +86,28 @@ class EvictPublic(BaseModel):
 _TIER_ORDER = {t: i for i, t in enumerate(Tier)}
 
 
-def internal_router(*, engine: Engine, agent: ReplicaAgent, sessions: sessionmaker[Session]) -> APIRouter:
+def internal_router(
+    *, engine: Engine, agent: ReplicaAgent, sessions: sessionmaker[Session], keys: KeyCache | None = None
+) -> APIRouter:
     router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
-    admin = Annotated[Principal, Depends(require_platform_admin(sessions))]
+    admin = Annotated[Principal, Depends(require_platform_admin(keys or sessions))]
+
+    handles: LRUCache[str, AdapterHandle] = LRUCache(maxsize=4096)
+    handles_lock = threading.Lock()
 
     def handle_of(revision_id: str) -> AdapterHandle:
+        """The revision's handle; rows never change once committed, so a found one is kept (a
+        rollout warms each revision twice: the warm, then the confirmation before the flip)."""
+        with handles_lock:
+            known = handles.get(revision_id)
+        if known is not None:
+            return known
+        handle = read_handle(revision_id)
+        with handles_lock:
+            handles[revision_id] = handle
+        return handle
+
+    def read_handle(revision_id: str) -> AdapterHandle:
         with sessions() as session:
             row = session.get(models.AdapterRevision, revision_id)
             if row is None:

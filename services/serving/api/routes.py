@@ -33,7 +33,7 @@ from lorafleet.platform.domain.enums import Scope
 from lorafleet.platform.domain.errors import InvalidRequest, LorafleetError, Unavailable
 from lorafleet.platform.domain.ids import new_ulid
 from lorafleet.services.serving.api import schemas as s
-from lorafleet.services.serving.api.auth import require_scope
+from lorafleet.services.serving.api.auth import KeyCache, require_scope
 from lorafleet.services.serving.api.resolver import Resolver, Target
 from lorafleet.services.serving.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions
 
@@ -81,9 +81,11 @@ class _FirstRequests:
         return True
 
 
-def openai_router(*, engine: Engine, resolver: Resolver, sessions: sessionmaker[Session]) -> APIRouter:
+def openai_router(
+    *, engine: Engine, resolver: Resolver, sessions: sessionmaker[Session], keys: KeyCache | None = None
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["inference"])
-    infer = Annotated[Principal, Depends(require_scope(sessions, Scope.INFER))]
+    infer = Annotated[Principal, Depends(require_scope(keys or sessions, Scope.INFER))]
     first_requests = _FirstRequests()
 
     async def prepare(
