@@ -23,9 +23,12 @@ load and first-request TTFT (p50/p95/p99) for the new revisions, background TTFT
 the ratios against the targets: two-stage user-visible load p95 and p99 exactly 0; first-request
 TTFT p95 at least 3x lower than lazy; background TTFT p95 at most 10% above the baseline.
 
-Replicas resolve pointers with TTL 0 (every request reads the database), so pointer propagation
-does not enter the figures; the admission queue is set large (``--queue``) so lazy first
-requests wait instead of being refused (refusals are counted anyway).
+The fleet runs as deployed: pointer flips are announced on Redis pub/sub (a prefix of its own
+per run), replicas keep the default pointer TTL (1 s) and key cache, and heartbeat at the
+default period. A new policy's first request finds no cached pointer, so pointer propagation
+does not enter the figures; the lazy mode announces its flips too. The admission queue is set
+large (``--queue``) so lazy first requests wait instead of being refused (refusals are counted
+anyway).
 
 Usage: python loadtests/rollout_under_load.py [--n 20] [--n 20,100] [--clients 3] [--warm 6]
 """
@@ -57,7 +60,10 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import select  # noqa: E402
 
 from lorafleet.platform.db import models, transaction  # noqa: E402
-from lorafleet.platform.domain.ids import new_id  # noqa: E402
+from lorafleet.platform.domain.ids import new_id, new_ulid  # noqa: E402
+from lorafleet.platform.events import POLICY_POINTER_CHANGED, Event, EventBus, PolicyPointerChanged  # noqa: E402
+from lorafleet.platform.events.redis_bus import RedisBus  # noqa: E402
+from lorafleet.services.serving.replica import ServingOptions  # noqa: E402
 from tests.services.rollout._fleet import (  # noqa: E402  (after the path fix)
     BASE_ID,
     Fleet,
@@ -190,7 +196,9 @@ class Traffic:
 
 
 @contextmanager
-def platform_processes(fleet: Fleet, *, max_concurrent: int, nice: int = 0) -> Iterator[str]:
+def platform_processes(
+    fleet: Fleet, *, max_concurrent: int, nice: int = 0, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     """The control-plane API and the rollout controller, each a process of its own (as deployed),
     so that neither shares this process's interpreter with the clients that measure latency.
 
@@ -198,7 +206,7 @@ def platform_processes(fleet: Fleet, *, max_concurrent: int, nice: int = 0) -> I
     serving replicas; on one small machine a lower priority is the nearest stand-in, so that the
     figures show what a rollout costs the replicas, not what the controller's own CPU costs them."""
     api_port, probe_port = free_port(), free_port()
-    control = dict(LORAFLEET_DATA_DIR=str(fleet.settings.data_dir), LORAFLEET_LOG_LEVEL="WARNING")
+    control = dict(LORAFLEET_DATA_DIR=str(fleet.settings.data_dir), LORAFLEET_LOG_LEVEL="WARNING") | (extra_env or {})
     procs = {
         "api": fleet.env(**control, LORAFLEET_PORT=str(api_port)),
         "rollout-controller": fleet.env(
@@ -221,7 +229,10 @@ def platform_processes(fleet: Fleet, *, max_concurrent: int, nice: int = 0) -> I
             running.append(
                 subprocess.Popen(
                     ["nice", "-n", str(nice), sys.executable, "-c", code],
-                    env=env, cwd=fleet.work, stdout=log, stderr=log,
+                    env=env,
+                    cwd=fleet.work,
+                    stdout=log,
+                    stderr=log,
                 )
             )
         for port, proc in ((api_port, running[0]), (probe_port, running[1])):
@@ -262,12 +273,22 @@ def start_two_stage(client: httpx.Client, api: str, fleet: Fleet, name: str, rev
     return None if r.status_code == 201 else f"rollout refused {r.status_code}: {r.text[:200]}"
 
 
-def flip_lazy(fleet: Fleet, policy_id: str, revision: str) -> None:
-    """Load-on-first-request: the pointer moves at once; nobody warms anything."""
+def flip_lazy(fleet: Fleet, bus: EventBus, policy_id: str, revision: str) -> None:
+    """Load-on-first-request: the pointer moves at once (and is announced); nobody warms anything."""
     with transaction(fleet.sessions) as s:
         row = s.get(models.Policy, policy_id)
         assert row is not None
-        row.serving_revision_id = revision
+        old, row.serving_revision_id = row.serving_revision_id, revision
+        name = row.name
+    event = PolicyPointerChanged(
+        tenant_id=fleet.tenant_id,
+        policy_id=policy_id,
+        policy=name,
+        revision_id=revision,
+        previous_revision_id=old,
+        reason="rollout",
+    )
+    bus.publish(POLICY_POINTER_CHANGED, event.model_dump(mode="json"))
 
 
 def serving_pointers(fleet: Fleet, policy_ids: list[str]) -> dict[str, str | None]:
@@ -277,13 +298,14 @@ def serving_pointers(fleet: Fleet, policy_ids: list[str]) -> dict[str, str | Non
 
 
 def run_mode(
-    *, mode: str, n: int, fleet: Fleet, api: str, traffic: Traffic, interval: float, max_tokens: int
+    *, mode: str, n: int, fleet: Fleet, bus: EventBus, api: str, traffic: Traffic, interval: float, max_tokens: int
 ) -> tuple[list[Sample], list[str], float]:
     """Expose N published revisions, one every ``interval``, and send each one's first request as
-    soon as its pointer names it (one watcher polls every pointer of the phase in one query, every
-    50 ms, so the measurement adds almost no load). The revisions are written and published to the
-    object store before the phase starts: that is the trainer's work, in another process in
-    production, and here it would take this process's interpreter from the clients that measure.
+    soon as its pointer names it (on the pointer's announcement on Redis, as a replica learns it;
+    a database poll every second repairs a missed one, so the measurement adds almost no load).
+    The revisions are written and published to the object store before the phase starts: that is
+    the trainer's work, in another process in production, and here it would take this process's
+    interpreter from the clients that measure.
     Returns (first-request samples, failures, phase seconds)."""
     phase = f"{mode} N={n}"
     revisions = []
@@ -311,7 +333,20 @@ def run_mode(
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     with httpx.Client(limits=limits) as client, ThreadPoolExecutor(max_workers=n) as pool:
 
+        def send_flipped(pointers: dict[str, str | None]) -> None:
+            with lock:
+                for pid, (i, name, revision) in list(pending.items()):
+                    if pointers.get(pid) == revision:
+                        del pending[pid]
+                        pool.submit(ask, i, name, revision)
+
+        def on_flip(event: Event) -> None:
+            change = PolicyPointerChanged.model_validate(event.payload)
+            send_flipped({change.policy_id: change.revision_id})
+
         def watch() -> None:
+            """The announcements send first requests at once; a slow database poll catches a
+            missed one (events are at most once)."""
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 with lock:
@@ -319,15 +354,11 @@ def run_mode(
                 if not ids and published.is_set():
                     return
                 if ids:
-                    pointers = serving_pointers(fleet, ids)
-                    with lock:
-                        for pid, (i, name, revision) in list(pending.items()):
-                            if pointers.get(pid) == revision:
-                                del pending[pid]
-                                pool.submit(ask, i, name, revision)
-                time.sleep(0.05)
+                    send_flipped(serving_pointers(fleet, ids))
+                time.sleep(1.0)
             failures.extend(f"{name}: never served" for _, name, _ in pending.values())
 
+        subscription = bus.subscribe(POLICY_POINTER_CHANGED, on_flip)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         for i, (name, policy_id, revision) in enumerate(revisions):
@@ -341,10 +372,11 @@ def run_mode(
                         del pending[policy_id]
                     failures.append(f"{name}: {refused}")
             else:
-                flip_lazy(fleet, policy_id, revision)
+                flip_lazy(fleet, bus, policy_id, revision)
             time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
         published.set()
         watcher.join()
+        subscription.close()
     return firsts, failures, time.perf_counter() - started
 
 
@@ -369,6 +401,7 @@ def main() -> None:
         default=10,
         help="CPU priority of the API and controller below the replicas (deployed, they run on other nodes)",
     )
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the pointer events")
     ap.add_argument(
         "--base", default=str(REPO / ".lorafleet" / "test-models" / "tiny-moe"), help="base dir or 'random'"
     )
@@ -383,26 +416,38 @@ def main() -> None:
             raise SystemExit(f"no base at {args.base}: run `make test-model` or pass --base random")
         base_dir = with_chat_template(Path(args.base), work)
     slots = args.warm + 2 * sum(ns) + 4
+    # Events on Redis, as deployed; a prefix of this run's own keeps other users of the server apart.
+    events = {
+        "LORAFLEET_QUEUE_BACKEND": "redis",
+        "LORAFLEET_REDIS_URL": args.redis_url,
+        "LORAFLEET_REDIS_PREFIX": f"lf-bench-{new_ulid()}",
+    }
+    bus = RedisBus.from_url(events["LORAFLEET_REDIS_URL"], events["LORAFLEET_REDIS_PREFIX"])
     with fresh_database() as url:
         fleet = build_fleet(url, work, base_dir)
         try:
             fleet.start_replicas(
                 *REPLICAS,
+                **events,
                 LORAFLEET_MAX_DEVICE_ADAPTERS=str(slots),
                 LORAFLEET_SERVING_MAX_COLD_LOAD_QUEUE=str(args.queue),
-                LORAFLEET_SERVING_RESOLVE_TTL_SECONDS="0",
+                LORAFLEET_SERVING_RESOLVE_TTL_SECONDS=str(ServingOptions().serving_resolve_ttl_seconds),
+                LORAFLEET_SERVING_HEARTBEAT_SECONDS=str(ServingOptions().serving_heartbeat_seconds),
                 **(
                     {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
                 ),
             )
-            with platform_processes(fleet, max_concurrent=max(ns), nice=args.control_plane_nice) as api:
-                report(run_all(args, ns, fleet, api), ns, args)
+            with platform_processes(
+                fleet, max_concurrent=max(ns), nice=args.control_plane_nice, extra_env=events
+            ) as api:
+                report(run_all(args, ns, fleet, bus, api), ns, args)
         finally:
             fleet.stop()
             fleet.sessions.kw["bind"].dispose()
+            bus.close()
 
 
-def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, api: str) -> dict[str, object]:
+def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus, api: str) -> dict[str, object]:
     warm_policies = []
     admin = {"Authorization": f"Bearer {fleet.admin_key}"}
     for i in range(args.warm):
@@ -430,6 +475,7 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, api: str) -> 
                 mode=mode,
                 n=n,
                 fleet=fleet,
+                bus=bus,
                 api=api,
                 traffic=traffic,
                 interval=args.interval,
