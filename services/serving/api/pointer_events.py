@@ -3,11 +3,12 @@
 :class:`PointerWatch` subscribes the resolver's cache hook to ``policy_pointer_changed`` on the
 deployment's bus (Redis pub/sub in production, the process's in-process bus in the embedded
 mode), so the next request after a flip or a rollback resolves the new revision within
-milliseconds. Events are at most once, so they only make the repair sooner; the reconciliation
-is the resolver's own: a cached pointer is re-read from the database once it is
-``serving_resolve_ttl_seconds`` old. A subscription that is lost (Redis down at start, or its
-callback failed) is made again every ``retry_seconds``, and every cached pointer is dropped then,
-since flips published meanwhile were missed.
+milliseconds: the replica reads the new pointer and its revision as soon as the event arrives,
+so that request does not wait on the database either. Events are at most once, so they only
+make the repair sooner; the reconciliation is the resolver's own: a cached pointer is re-read
+from the database once it is ``serving_resolve_ttl_seconds`` old. A subscription that is lost
+(Redis down at start, or its callback failed) is made again every ``retry_seconds``, and every
+cached pointer is dropped then, since flips published meanwhile were missed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import logging
 
 import anyio
+from sqlalchemy.exc import SQLAlchemyError
 
 from lorafleet.platform.domain.errors import Unavailable
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, EventBus, Subscription, on_pointer_changed
@@ -57,9 +59,18 @@ class PointerWatch:
         if self.owns_bus:
             await anyio.to_thread.run_sync(self.bus.close)
 
+    def _changed(self, tenant_id: str, policy: str) -> None:
+        """A flip: drop the cached pointer at once, then read the new one (and its revision) ahead
+        of the first request. A failed read only leaves it to that request."""
+        self.resolver.invalidate(tenant_id, policy)
+        try:
+            self.resolver.refresh(tenant_id, policy)
+        except SQLAlchemyError as exc:
+            log.info("could not read the new pointer of %s ahead of its requests: %s", policy, exc)
+
     def _subscribe(self) -> bool:
         try:
-            callback = on_pointer_changed(self.resolver.invalidate)
+            callback = on_pointer_changed(self._changed)
             self._subscription = self.bus.subscribe(POLICY_POINTER_CHANGED, callback)
         except Unavailable as exc:
             log.warning("no pointer-change events (%s); pointers refresh every TTL until the bus is back", exc.message)

@@ -11,8 +11,9 @@ Another tenant's policy, an unknown name and a revision of another policy all an
 
 Caching: revision rows never change, so revision → handle is kept in a bounded LRU. A policy's
 serving pointer does change (rollout, rollback), so policy → revision is kept only
-``ttl_seconds``; :meth:`Resolver.invalidate` drops it at once, which is the hook the rollout
-events (pointer flips, issue 6) call so the next request after a flip sees the new revision.
+``ttl_seconds``; :meth:`Resolver.invalidate` drops it at once, and :meth:`Resolver.refresh`
+reads it again at once: the hook the rollout events (pointer flips) call, so the next request
+after a flip sees the new revision without waiting on the database for it.
 Misses are not cached: a policy created a moment ago is visible on its first request.
 """
 
@@ -101,6 +102,15 @@ class Resolver:
         with self._lock:
             for key in [k for k in self._pointers if k[0] == tenant_id and (policy is None or k[1] == policy)]:
                 del self._pointers[key]
+
+    def refresh(self, tenant_id: str, policy: str) -> None:
+        """Forget the cached pointer of ``policy`` and read it again now, with its revision, so that
+        the next request after a flip finds both cached instead of paying the reads (the hook for
+        pointer-flip events, on their delivery thread; blocking)."""
+        self.invalidate(tenant_id, policy)
+        pointer = self._pointer(tenant_id, policy)
+        if pointer is not None and pointer.revision_id is not None:
+            self._revision(tenant_id, pointer.revision_id, policy_id=pointer.policy_id, policy=policy)
 
     def invalidate_all(self) -> None:
         with self._lock:

@@ -308,3 +308,47 @@ def test_pointer_event_invalidates_a_serving_resolver_at_once(seeded: Seeded) ->
         assert stale is not None and stale.revision_id == pol.revisions[0]
     finally:
         sub.close()
+
+
+def test_pointer_watch_reads_the_new_pointer_ahead_of_the_next_request(seeded: Seeded) -> None:
+    """A replica's PointerWatch does not only drop the flipped pointer: it reads the new one and its
+    revision on the event, so the first request after the flip opens no database session."""
+    import asyncio
+
+    from lorafleet.services.serving.api.pointer_events import PointerWatch
+    from lorafleet.services.serving.api.resolver import Resolver
+
+    p, keys, pol = seeded
+    factory = make_sessionmaker(make_engine(p.settings.resolved_database_url))
+    opened = [0]
+
+    def sessions():  # type: ignore[no-untyped-def]
+        opened[0] += 1
+        return factory()
+
+    resolver = Resolver(sessions, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)  # type: ignore[arg-type]
+    watch = PointerWatch(make_event_bus(p.settings), resolver, owns_bus=False)
+
+    async def run() -> None:
+        await watch.start()
+        try:
+            before = resolver.resolve(pol.tenant_id, "chat").adapter
+            assert before is not None and before.revision_id == pol.revisions[0]
+            reads = opened[0]
+            r = await asyncio.to_thread(
+                p.client.post, "/v1/policies/chat/rollback", json={"revision": pol.revisions[1]},
+                headers=h(keys["train"]),
+            )
+            assert r.status_code == 200
+            deadline = time.monotonic() + 5
+            while opened[0] < reads + 2:  # the pointer, then the revision it names
+                assert time.monotonic() < deadline, "the replica did not read the new pointer on the event"
+                await asyncio.sleep(0.01)
+            reads = opened[0]
+            after = resolver.resolve(pol.tenant_id, "chat").adapter
+            assert after is not None and after.revision_id == pol.revisions[1]
+            assert opened[0] == reads, "the first request after the flip still read the database"
+        finally:
+            await watch.stop()
+
+    asyncio.run(run())
