@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +194,51 @@ class Traffic:
             self.samples.append(Sample(phase, "background", status, ttft, wait, rev))
 
 
+def _first_loop(key: str, max_tokens: int, tasks: Any, out: Any) -> None:
+    """One sender of first requests (a process of its own): (name, revision, status, ttft, wait, answered by)."""
+    with httpx.Client() as client:
+        while (task := tasks.get()) is not None:
+            url, name, revision = task
+            status, ttft, wait, rev = stream_chat(client, url, key, name, max_tokens)
+            out.put((name, revision, status, ttft, wait, rev))
+
+
+class FirstSenders:
+    """Processes that send each new revision's first request when told to: like the background
+    clients, they measure TTFT outside this process, whose interpreter is busy publishing
+    rollouts and watching pointers (a thread of it would add its own waits to the figure)."""
+
+    def __init__(self, fleet: Fleet, *, processes: int, max_tokens: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._tasks: Any = ctx.Queue()
+        self._out: Any = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_first_loop, args=(fleet.infer_key, max_tokens, self._tasks, self._out), daemon=True)
+            for _ in range(processes)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def send(self, i: int, url: str, name: str, revision: str) -> None:
+        self._tasks.put((url, name, revision))
+
+    def collect(self, count: int, timeout: float = 300.0) -> list[tuple[Any, ...]]:
+        results: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + timeout
+        while len(results) < count and time.monotonic() < deadline:
+            try:
+                results.append(self._out.get(timeout=1.0))
+            except queue.Empty:
+                pass
+        return results
+
+    def stop(self) -> None:
+        for _ in self._procs:
+            self._tasks.put(None)
+        for p in self._procs:
+            p.join(timeout=30)
+
+
 @contextmanager
 def platform_processes(
     fleet: Fleet, *, max_concurrent: int, nice: int = 0, extra_env: dict[str, str] | None = None
@@ -298,10 +342,18 @@ def serving_pointers(fleet: Fleet, policy_ids: list[str]) -> dict[str, str | Non
 
 
 def run_mode(
-    *, mode: str, n: int, fleet: Fleet, bus: EventBus, api: str, traffic: Traffic, interval: float, max_tokens: int
+    *,
+    mode: str,
+    n: int,
+    fleet: Fleet,
+    bus: EventBus,
+    api: str,
+    traffic: Traffic,
+    senders: FirstSenders,
+    interval: float,
 ) -> tuple[list[Sample], list[str], float]:
-    """Expose N published revisions, one every ``interval``, and send each one's first request as
-    soon as its pointer names it (on the pointer's announcement on Redis, as a replica learns it;
+    """Expose N published revisions, one every ``interval``, and have a sender process send each
+    one's first request as soon as its pointer names it (on the pointer's announcement on Redis, as a replica learns it;
     a database poll every second repairs a missed one, so the measurement adds almost no load).
     The revisions are written and published to the object store before the phase starts: that is
     the trainer's work, in another process in production, and here it would take this process's
@@ -324,21 +376,18 @@ def run_mode(
     lock = threading.Lock()
     published = threading.Event()
 
-    def ask(i: int, name: str, revision: str) -> None:
-        status, ttft, wait, rev = stream_chat(client, urls[i % len(urls)], fleet.infer_key, name, max_tokens)
-        firsts.append(Sample(phase, "first", status, ttft, wait, rev))
-        if status == 200 and rev != revision:
-            failures.append(f"{name}: answered by {rev}, not {revision}")
+    sent = 0
 
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    with httpx.Client(limits=limits) as client, ThreadPoolExecutor(max_workers=n) as pool:
+    with httpx.Client() as client:
 
         def send_flipped(pointers: dict[str, str | None]) -> None:
+            nonlocal sent
             with lock:
                 for pid, (i, name, revision) in list(pending.items()):
                     if pointers.get(pid) == revision:
                         del pending[pid]
-                        pool.submit(ask, i, name, revision)
+                        senders.send(i, urls[i % len(urls)], name, revision)
+                        sent += 1
 
         def on_flip(event: Event) -> None:
             change = PolicyPointerChanged.model_validate(event.payload)
@@ -377,6 +426,10 @@ def run_mode(
         published.set()
         watcher.join()
         subscription.close()
+        for name, revision, status, ttft, wait, rev in senders.collect(sent):
+            firsts.append(Sample(phase, "first", status, ttft, wait, rev))
+            if status == 200 and rev != revision:
+                failures.append(f"{name}: answered by {rev}, not {revision}")
     return firsts, failures, time.perf_counter() - started
 
 
@@ -386,6 +439,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=6, help="warm policies carrying the background traffic")
     ap.add_argument("--clients", type=int, default=3, help="closed-loop background clients")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--first-senders", type=int, default=6, help="processes sending the first requests")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between two published revisions")
     ap.add_argument("--baseline-seconds", type=float, default=20.0)
     ap.add_argument(
@@ -463,6 +517,7 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
             r.raise_for_status()
         warm_policies.append(name)
     traffic = Traffic(fleet, warm_policies, clients=args.clients, max_tokens=args.max_tokens)
+    senders = FirstSenders(fleet, processes=args.first_senders, max_tokens=args.max_tokens)
     traffic.start()
     time.sleep(3.0)
     traffic.phase = "baseline"
@@ -478,12 +533,13 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
                 bus=bus,
                 api=api,
                 traffic=traffic,
+                senders=senders,
                 interval=args.interval,
-                max_tokens=args.max_tokens,
             )
             traffic.phase = "between"
             time.sleep(2.0)
     traffic.stop()
+    senders.stop()
     out["runs"] = runs
     return out
 
