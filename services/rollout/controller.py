@@ -63,6 +63,10 @@ from lorafleet.services.rollout.planner import ReplicaView
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+GAUGES_EVERY_SECONDS = 5.0
+"""How often the controller recounts rollouts by state for its own /metrics (a query; polls are
+more frequent, and a scrape every 15 s or so needs no fresher count)."""
+
 VIEWS_MAX_AGE_SECONDS = 0.25
 """How stale the replica rows that drivers share may be (and never more than half a poll)."""
 
@@ -83,6 +87,7 @@ class RolloutController:
         self.id = self.options.rollout_controller_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._last_reconcile = 0.0
+        self._gauges_at = float("-inf")
         self._views: list[ReplicaView] | None = None
         self._views_at = 0.0
         self._views_lock = asyncio.Lock()
@@ -115,7 +120,9 @@ class RolloutController:
             task = asyncio.create_task(self.drive(rid), name=f"rollout-{rid}")
             self._drivers[rid] = task
             task.add_done_callback(functools.partial(self._driver_done, rid))
-        await self._db(self._refresh_gauges)
+        if time.monotonic() - self._gauges_at >= GAUGES_EVERY_SECONDS:
+            self._gauges_at = time.monotonic()
+            await self._db(self._refresh_gauges)
         return claimed
 
     def _driver_done(self, rollout_id: str, task: asyncio.Task[None]) -> None:
@@ -189,37 +196,43 @@ class RolloutController:
         return await anyio.to_thread.run_sync(fn, *args)
 
     def _claim(self, limit: int) -> list[str]:
+        """Take up to ``limit`` active rollouts whose lease is free, expired or already ours (and
+        that no driver of ours runs), oldest first, in one conditional UPDATE. On PostgreSQL the
+        candidates are locked with SKIP LOCKED, so concurrent controllers split them instead of
+        waiting on each other; the UPDATE re-checks the lease either way."""
+        if limit <= 0:
+            return []
         now = now_utc()
         free = or_(
             models.Rollout.lease_owner.is_(None),
             models.Rollout.lease_expires_at < now,
             models.Rollout.lease_owner == self.id,
         )
-        with self.sessions() as session:
-            candidates = list(
-                session.scalars(
-                    select(models.Rollout.id)
-                    .where(models.Rollout.state.in_(ACTIVE_STATES), free)
-                    .order_by(models.Rollout.created_at)
-                    .limit(limit + len(self._drivers))
+        candidates = (
+            select(models.Rollout.id)
+            .where(models.Rollout.state.in_(ACTIVE_STATES), free)
+            .order_by(models.Rollout.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        if self._drivers:
+            candidates = candidates.where(models.Rollout.id.not_in(list(self._drivers)))
+        with transaction(self.sessions) as session:
+            claimed = session.scalars(
+                update(models.Rollout)
+                .where(
+                    models.Rollout.id.in_(candidates.scalar_subquery()),
+                    models.Rollout.state.in_(ACTIVE_STATES),
+                    free,
                 )
-            )
-        claimed: list[str] = []
-        for rid in candidates:
-            if rid in self._drivers or len(claimed) >= limit:
-                continue
-            with transaction(self.sessions) as session:
-                result = session.execute(
-                    update(models.Rollout)
-                    .where(models.Rollout.id == rid, models.Rollout.state.in_(ACTIVE_STATES), free)
-                    .values(
-                        lease_owner=self.id,
-                        lease_expires_at=now + timedelta(seconds=self.options.rollout_lease_seconds),
-                    )
+                .values(
+                    lease_owner=self.id,
+                    lease_expires_at=now + timedelta(seconds=self.options.rollout_lease_seconds),
                 )
-                if result.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.append(rid)
-        return claimed
+                .returning(models.Rollout.id)
+                .execution_options(synchronize_session=False)
+            ).all()
+        return list(claimed)
 
     def _refresh_gauges(self) -> None:
         with self.sessions() as session:
