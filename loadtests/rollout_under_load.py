@@ -39,7 +39,6 @@ import argparse
 import bisect
 import multiprocessing
 import queue
-import random
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import select  # noqa: E402
 
+from loadtests._load_clients import client_loop, first_loop  # noqa: E402
 from lorafleet.platform.db import models, transaction  # noqa: E402
 from lorafleet.platform.domain.ids import new_id, new_ulid  # noqa: E402
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, Event, EventBus, PolicyPointerChanged  # noqa: E402
@@ -97,48 +97,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def stream_chat(
-    client: httpx.Client, url: str, key: str, model: str, max_tokens: int
-) -> tuple[int, float | None, float | None, str | None]:
-    """(status, ttft, adapter wait, revision) of one streamed chat completion, read to the end.
-
-    ``client`` is long-lived (kept-alive connections): a new httpx client per request builds an
-    SSL context and a connection each time, which cost the load generators more CPU than the
-    replicas spent serving, on a machine the replicas share with them."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
-    t0 = time.perf_counter()
-    with client.stream(
-        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
-    ) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, None, None, None
-        ttft = None
-        for line in r.iter_lines():
-            if ttft is None and line.startswith("data:"):
-                ttft = time.perf_counter() - t0
-        wait = r.headers.get("X-Lorafleet-Adapter-Wait-Seconds")
-        return 200, ttft, float(wait) if wait is not None else None, r.headers.get("X-Lorafleet-Revision")
-
-
-def _client_loop(
-    seed: int, urls: list[str], key: str, policies: list[str], max_tokens: int, stop: Any, out: Any
-) -> None:
-    """One closed-loop background client (a process of its own): (start time, status, ttft, wait, revision)."""
-    rng = random.Random(seed)
-    with httpx.Client() as client:
-        while not stop.is_set():
-            started = time.time()
-            status, ttft, wait, rev = stream_chat(client, rng.choice(urls), key, rng.choice(policies), max_tokens)
-            out.put((started, status, ttft, wait, rev))
-
-
 class Traffic:
     """Closed-loop clients over the warm policies, each a process of its own so that the latency
     they measure is not inflated by this process's interpreter (watcher, probes); each sample is
@@ -151,7 +109,7 @@ class Traffic:
         urls = [rp.url for rp in fleet.replicas.values()]
         self._procs = [
             ctx.Process(
-                target=_client_loop,
+                target=client_loop,
                 args=(i, urls, fleet.infer_key, policies, max_tokens, self._stop, self._out),
                 daemon=True,
             )
@@ -169,8 +127,11 @@ class Traffic:
         self._phases.append((time.time(), name))
 
     def start(self) -> None:
+        """Start the clients and return once each has started (a spawned process imports this
+        module first, torch included: that takes a while, and must not eat into a phase)."""
         for p in self._procs:
             p.start()
+        _wait_ready(self._out, len(self._procs), self._procs)
 
     def stop(self) -> None:
         self._stop.set()
@@ -194,13 +155,18 @@ class Traffic:
             self.samples.append(Sample(phase, "background", status, ttft, wait, rev))
 
 
-def _first_loop(key: str, max_tokens: int, tasks: Any, out: Any) -> None:
-    """One sender of first requests (a process of its own): (name, revision, status, ttft, wait, answered by)."""
-    with httpx.Client() as client:
-        while (task := tasks.get()) is not None:
-            url, name, revision = task
-            status, ttft, wait, rev = stream_chat(client, url, key, name, max_tokens)
-            out.put((name, revision, status, ttft, wait, rev))
+def _wait_ready(out: Any, count: int, procs: list[Any], timeout: float = 300.0) -> None:
+    """Each load process puts None on ``out`` once it is ready to send."""
+    deadline = time.monotonic() + timeout
+    ready = 0
+    while ready < count:
+        if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+            raise SystemExit("the load processes did not start")
+        try:
+            if out.get(timeout=1.0) is None:
+                ready += 1
+        except queue.Empty:
+            pass
 
 
 class FirstSenders:
@@ -213,11 +179,12 @@ class FirstSenders:
         self._tasks: Any = ctx.Queue()
         self._out: Any = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_first_loop, args=(fleet.infer_key, max_tokens, self._tasks, self._out), daemon=True)
+            ctx.Process(target=first_loop, args=(fleet.infer_key, max_tokens, self._tasks, self._out), daemon=True)
             for _ in range(processes)
         ]
         for p in self._procs:
             p.start()
+        _wait_ready(self._out, processes, self._procs)
 
     def send(self, i: int, url: str, name: str, revision: str) -> None:
         self._tasks.put((url, name, revision))
@@ -377,6 +344,23 @@ def run_mode(
     published = threading.Event()
 
     sent = 0
+    warming: list[threading.Thread] = []
+    admin = {"Authorization": f"Bearer {fleet.admin_key}"}
+
+    def warm_then_flip(policy_id: str, revision: str) -> None:
+        """The diagnostic mode: what the controller does, without the controller (the warms from
+        here, both replicas at once, then the flip and its announcement)."""
+
+        def warm(url: str) -> None:
+            body = {"revision_id": revision, "tier": "device", "pin": True}
+            client.post(f"{url}/internal/adapters/warm", json=body, headers=admin, timeout=120).raise_for_status()
+
+        threads = [threading.Thread(target=warm, args=(url,)) for url in urls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        flip_lazy(fleet, bus, policy_id, revision)
 
     with httpx.Client() as client:
 
@@ -420,9 +404,14 @@ def run_mode(
                     with lock:
                         del pending[policy_id]
                     failures.append(f"{name}: {refused}")
+            elif mode == "warm-flip":
+                warming.append(threading.Thread(target=warm_then_flip, args=(policy_id, revision), daemon=True))
+                warming[-1].start()
             else:
                 flip_lazy(fleet, bus, policy_id, revision)
             time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+        for thread in warming:
+            thread.join()
         published.set()
         watcher.join()
         subscription.close()
@@ -454,6 +443,11 @@ def main() -> None:
         type=int,
         default=10,
         help="CPU priority of the API and controller below the replicas (deployed, they run on other nodes)",
+    )
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also run warm-flip: this process warms both replicas and flips, without controller or API",
     )
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the pointer events")
     ap.add_argument(
@@ -501,6 +495,10 @@ def main() -> None:
             bus.close()
 
 
+def modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("two-stage", "lazy", "warm-flip") if args.diagnose else ("two-stage", "lazy")
+
+
 def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus, api: str) -> dict[str, object]:
     warm_policies = []
     admin = {"Authorization": f"Bearer {fleet.admin_key}"}
@@ -525,7 +523,7 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
     out: dict[str, object] = {"traffic": traffic, "runs": {}}
     runs: dict[tuple[str, int], tuple[list[Sample], list[str], float]] = {}
     for n in ns:
-        for mode in ("two-stage", "lazy"):
+        for mode in modes(args):
             runs[(mode, n)] = run_mode(
                 mode=mode,
                 n=n,
@@ -573,7 +571,7 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
     )
     for n in ns:
         print(f"\n== N = {n} new revisions ==")
-        for mode in ("two-stage", "lazy"):
+        for mode in modes(args):
             firsts, failures, seconds = runs[(mode, n)]
             back = bg(f"{mode} N={n}")
             print(
@@ -602,6 +600,11 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
         ratio = pct(ttfts(lazy_f), 95) / pct(ttfts(two_f), 95)
         bg_ratio = pct(ttfts(bg(f"two-stage N={n}")), 95) / base_p95
         bg_lazy = pct(ttfts(bg(f"lazy N={n}")), 95) / base_p95
+        if args.diagnose:
+            print(
+                "  diagnostic: background TTFT p95 warm-flip (the same warms and flips, no controller or API) "
+                f"/ no rollout = {pct(ttfts(bg(f'warm-flip N={n}')), 95) / base_p95:.3f}"
+            )
         lazy_waits = waits(lazy_f)
         if lazy_waits:
             bound = (pct(ttfts(base), 95) + pct(lazy_waits, 95)) / pct(ttfts(base), 95)
