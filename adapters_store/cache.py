@@ -78,6 +78,14 @@ class CacheUsage:
     fetching: int
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -106,6 +114,10 @@ class BundleCache:
         for sub in ("bundles", "staging", "locks", "pins"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._manifests: dict[str, BundleManifest] = {}
+        self._index_lock = FileLock(self.root / "index.lock")
+        self._known: tuple[tuple[int, int, int], bytes, _Index] | None = None
+        """The index as this process last read or wrote it, by the file's (inode, mtime, size):
+        reused while the file is unchanged, so a lookup costs a stat, not a parse."""
         with self._index() as index:
             self._reconcile(index)
 
@@ -265,21 +277,29 @@ class BundleCache:
     @contextlib.contextmanager
     def _index(self) -> Iterator[_Index]:
         """The index under its lock; written back (atomically) when the block changed it."""
-        with FileLock(self.root / "index.lock"):
+        with self._index_lock:
             path = self.root / "index.json"
-            try:
-                raw = path.read_bytes()
-                index = _Index.model_validate_json(raw)
-            except FileNotFoundError:
-                raw, index = b"", _Index()
-            except ValidationError:
-                raw, index = b"", self._rebuilt_index()  # never trust a damaged index; rebuild from disk
+            known, self._known = self._known, None  # dropped unless the block ends well
+            signature = _signature(path)
+            if known is not None and signature is not None and known[0] == signature:
+                raw, index = known[1], known[2]
+            else:
+                try:
+                    raw = path.read_bytes()
+                    index = _Index.model_validate_json(raw)
+                except FileNotFoundError:
+                    raw, index = b"", _Index()
+                except ValidationError:
+                    raw, index = b"", self._rebuilt_index()  # never trust a damaged index; rebuild from disk
             yield index
             new = index.model_dump_json().encode()
             if new != raw:
                 tmp = path.with_name(f"index.json.{os.getpid()}.{uuid.uuid4().hex[:8]}")
                 tmp.write_bytes(new)
                 os.replace(tmp, path)
+                signature = _signature(path)
+            if signature is not None:
+                self._known = (signature, new, index)
 
     def _rebuilt_index(self) -> _Index:
         index = _Index()

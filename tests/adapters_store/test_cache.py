@@ -376,3 +376,25 @@ def _no_leaked_threads() -> Iterator[None]:
     before = threading.active_count()
     yield
     assert threading.active_count() <= before + 1
+
+
+def test_each_instance_sees_what_another_wrote(tmp_path: Path, store: CountingStore) -> None:
+    """Instances keep the index they last read while its file is unchanged; a change made through
+    another instance (another process, in production) must still be seen by the next lookup,
+    evictions included."""
+    a, b, c = publish(store, tmp_path, 3)
+    first = cache_of(tmp_path, store, bundles=2.5, size=size_of(a))
+    second = cache_of(tmp_path, store, bundles=2.5, size=size_of(a))
+    assert not first.contains(a.revision_id)  # first has read (and kept) the empty index
+    with second.open(a.ref):
+        pass
+    assert first.contains(a.revision_id)
+    with first.open(a.ref):  # a hit through first: second's download is used
+        pass
+    assert downloads(store.log) == Counter({a.revision_id: 1})  # fetched once, by second
+    with first.open(b.ref):
+        pass
+    with second.open(c.ref):  # evicts a, the least recently used, through second
+        pass
+    assert [first.contains(r.revision_id) for r in (a, b, c)] == [False, True, True]
+    assert first.usage() == second.usage()
