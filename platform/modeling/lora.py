@@ -15,8 +15,9 @@ A forward pass takes a :class:`LoraBatch` (a bank plus one slot index per batch 
 the plain base model). The model's projections call :func:`apply_module_lora`, which gathers
 each row's factors for two batched matmuls, and :func:`apply_expert_lora`, which applies
 ``A[slot, expert]``/``B[slot, expert]`` to every routed (token, expert) pair following an
-:class:`ExpertPlan` built once per MoE layer (pairs grouped by (slot, expert), batched matmuls,
-never a Python loop over experts or rows). Rows with index -1 are never touched: their outputs
+:class:`ExpertPlan` built once per MoE layer (a serving bank's factor rows read in place by a
+sampled matmul and an ``embedding_bag``; otherwise pairs grouped by (slot, expert) for batched
+matmuls; never a Python loop over experts or rows). Rows with index -1 are never touched: their outputs
 are the base op's outputs bit for bit.
 
 Two ways to make a bank:
@@ -31,6 +32,7 @@ Two ways to make a bank:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -54,6 +56,21 @@ _MAX_GATHER_ELEMENTS = 1 << 25
 # Grouped expert LoRA pads every (slot, expert) group to the largest; past this many padded
 # rows per real pair, the per-pair gather is cheaper.
 _MAX_PADDING_FACTOR = 4
+
+
+def _spend_csr_beta_warning() -> None:
+    """The in-place expert layout describes each pair's factor rows as a CSR pattern, and torch
+    warns once per process, on the first CSR tensor, that CSR support is beta. Spend that one
+    warning here, silenced, instead of in the first serving step (or a test run with -W error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        empty = torch.zeros(0, dtype=torch.long)
+        torch.sparse_csr_tensor(
+            torch.zeros(1, dtype=torch.long), empty, torch.zeros(0), size=(0, 0), check_invariants=False
+        )
+
+
+_spend_csr_beta_warning()
 
 
 def module_of(key: str) -> str:
@@ -81,6 +98,18 @@ class AdapterBank:
         self.scaling = scaling  # [S]
         self.capacity = int(scaling.shape[0])
         self.max_rank = max((a.shape[-2] for a, _ in self._factors.values()), default=0)
+        self._requires_grad = any(a.requires_grad or b.requires_grad for a, b in self._factors.values())
+        # Factors laid out row by row (A ``[..., R, in]`` contiguous, B a transposed view of
+        # ``[..., R, out]`` storage, like DeviceAdapterBank), float32/64 on the CPU: expert LoRA
+        # can read each pair's rows in place (see ExpertPlan).
+        self._rows_in_place = bool(self._factors) and all(
+            a.device.type == "cpu"
+            and a.dtype in (torch.float32, torch.float64)
+            and b.dtype == a.dtype
+            and a.is_contiguous()
+            and b.transpose(-1, -2).is_contiguous()
+            for a, b in self._factors.values()
+        )
 
     def get(self, module: str) -> tuple[Tensor, Tensor] | None:
         """(A, B) of one module for every slot, or None when no slot can adapt it."""
@@ -89,6 +118,12 @@ class AdapterBank:
     def items(self) -> list[tuple[str, tuple[Tensor, Tensor]]]:
         """Every (module, (A, B)) the bank holds."""
         return list(self._factors.items())
+
+    def reads_rows_in_place(self) -> bool:
+        """Whether expert LoRA may read factor rows in place: the layout allows it and no
+        gradient has to flow to the factors (the sparse ops used have no bank-layout backward
+        worth relying on; training keeps the gather path)."""
+        return self._rows_in_place and not (torch.is_grad_enabled() and self._requires_grad)
 
 
 class LoraBatch:
@@ -166,22 +201,42 @@ class GroupedLayout:
 
 
 @dataclass(frozen=True)
+class RowsLayout:
+    """Each active pair's R factor rows, read where the bank keeps them (no copy)."""
+
+    rows: Tensor  # [p, R] row (combo * R + r) of the flat ``[S*E*R, in]`` A and ``[S*E*R, out]`` B
+    pattern: Tensor  # sparse CSR [p, S*E*R]: those rows as columns; values unused
+    pair_slots: Tensor  # [p] the adapter slot of each active pair
+
+
+@dataclass(frozen=True)
 class ExpertPlan:
     """How one MoE layer's routed (token, expert) pairs meet the bank's (slot, expert) factors.
 
     Built once per layer by :func:`plan_expert_lora` and shared by its gate, up and down
-    projections. Two layouts, both batched matmuls with no loop over experts or rows:
+    projections. Three layouts, none with a loop over experts or rows:
 
+    - in place (``rows`` set; serving banks, float32/64 on CPU, no gradient): a sampled matmul
+      computes each pair's R dot products against its A rows where they lie, and an
+      ``embedding_bag`` sums its B rows weighted by those; nothing is gathered or padded. With
+      many adapters nearly every (slot, expert) group holds one pair, so gathering copied
+      almost every factor. One projection at moe-large decode shapes (256 pairs, 64 slots x 32
+      experts, rank 8, 1 thread) measured 0.54 ms in place vs 13.0 ms grouped.
     - grouped (``grouped`` set): two bmm calls over the padded groups; each group's factors are
       gathered once. Measured 2-3x faster on CPU than per pair, and moves far fewer bytes.
-    - per pair (``grouped`` None): each pair gathers its own factors; used when routing is so
+    - per pair (both None): each pair gathers its own factors; used when routing is so
       skewed that padding would more than quadruple the work.
+
+    The in-place layout is chosen by the bank alone, never by the batch, so a row's LoRA is
+    computed the same way whatever shares its step; each pair's result depends only on its own
+    input and factors.
     """
 
     active: Tensor | None  # [p] the pairs of adapted rows (None: every pair)
     combos: Tensor  # [p] slot * E + expert of each active pair
     num_experts: int
     grouped: GroupedLayout | None
+    rows: RowsLayout | None = None
 
 
 def plan_expert_lora(
@@ -200,6 +255,9 @@ def plan_expert_lora(
         slots, pair_experts = slots[active], pair_experts[active]
     combos = slots * num_experts + pair_experts
     pairs = combos.shape[0]
+    if lora.bank.reads_rows_in_place():
+        rows = _rows_layout(combos, slots, lora.bank, num_experts)
+        return ExpertPlan(active=active, combos=combos, num_experts=num_experts, grouped=None, rows=rows)
     order = torch.argsort(combos, stable=True)
     sorted_combos = combos[order]
     counts = torch.bincount(sorted_combos, minlength=lora.bank.capacity * num_experts)  # [S*E]
@@ -214,6 +272,21 @@ def plan_expert_lora(
     cell = torch.empty_like(sorted_cell).index_copy_(0, order, sorted_cell)
     grouped = GroupedLayout(groups=groups, group_slots=groups // num_experts, cell=cell, width=width)
     return ExpertPlan(active=active, combos=combos, num_experts=num_experts, grouped=grouped)
+
+
+def _rows_layout(combos: Tensor, slots: Tensor, bank: AdapterBank, num_experts: int) -> RowsLayout:
+    rank = bank.max_rank
+    pairs = combos.shape[0]
+    rows = combos[:, None] * rank + torch.arange(rank, device=combos.device)  # [p, R]
+    dtype = next(a.dtype for _, (a, _) in bank.items())
+    pattern = torch.sparse_csr_tensor(
+        torch.arange(0, pairs * rank + 1, rank, device=combos.device),
+        rows.reshape(-1),
+        torch.zeros(pairs * rank, dtype=dtype, device=combos.device),
+        size=(pairs, bank.capacity * num_experts * rank),
+        check_invariants=False,  # built valid: one row per pair, its columns ascending
+    )
+    return RowsLayout(rows=rows, pattern=pattern, pair_slots=slots)
 
 
 def pad_expert_inputs(x: Tensor, plan: ExpertPlan | None) -> Tensor | None:
@@ -255,6 +328,12 @@ def apply_expert_lora(
     a, b = factors  # [S, E, R, in], [S, E, out, R]
     flat_a = a.reshape(-1, a.shape[-2], a.shape[-1])  # [S*E, R, in]
     flat_b = b.reshape(-1, b.shape[-2], b.shape[-1])  # [S*E, out, R]
+    if plan.rows is not None:
+        xs = x if plan.active is None else x.index_select(0, plan.active)  # [p, in]
+        delta = _expert_delta_in_place(xs, plan.rows, a, b, lora.bank.scaling).to(y.dtype)
+        if plan.active is None:
+            return y + delta
+        return y.index_add(0, plan.active, delta)
     scale = lora.bank.scaling.to(x.dtype)  # [S]
     if plan.grouped is not None:
         if padded is None:
@@ -277,6 +356,20 @@ def _expert_delta_grouped(
     h.mul_(scale.index_select(0, layout.group_slots)[:, None, None])
     out = torch.bmm(h, _gather_b_t(flat_b, groups).to(padded.dtype))  # [G, C, out]
     return out.view(-1, out.shape[-1]).index_select(0, layout.cell)  # [p, out], pair order
+
+
+def _expert_delta_in_place(x: Tensor, layout: RowsLayout, a: Tensor, b: Tensor, scaling: Tensor) -> Tensor:
+    """x ``[p, in]`` -> ``[p, out]``: each pair's ``scale * B[c] @ (A[c] @ x)`` with A and B
+    read in place (a ``[S, E, R, in]`` contiguous, b the ``[S, E, out, R]`` view of
+    ``[S, E, R, out]`` storage)."""
+    a_rows = a.reshape(-1, a.shape[-1])  # [S*E*R, in], a view
+    b_rows = b.transpose(-1, -2).reshape(-1, b.shape[-2])  # [S*E*R, out], a view
+    x = x.to(a.dtype)
+    # One dot product per (pair, r), each over its own A row: [p * R] in pair-major order.
+    h = torch.sparse.sampled_addmm(layout.pattern, x, a_rows.t(), beta=0.0).values()
+    h = h.view(-1, layout.rows.shape[1]) * scaling.index_select(0, layout.pair_slots).to(a.dtype)[:, None]
+    # sum_r h[p, r] * B-row(c_p, r): a weighted bag of the pair's B rows, no [p, R, out] copy.
+    return F.embedding_bag(layout.rows, b_rows, per_sample_weights=h, mode="sum")
 
 
 def _expert_delta_pairs(x: Tensor, plan: ExpertPlan, flat_a: Tensor, flat_b: Tensor, scale: Tensor) -> Tensor:

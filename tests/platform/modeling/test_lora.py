@@ -130,6 +130,56 @@ def test_expert_lora_equals_per_expert_loop(skewed: bool) -> None:
     assert plan_expert_lora(only_base, pair_rows=rows, pair_experts=pair_experts, num_experts=experts) is None
 
 
+def test_expert_lora_in_place_rows() -> None:
+    """A serving-layout bank (B stored as [.., R, out]) reads each pair's factor rows in place:
+    same answer as the naive loop and the grouped layout, base pairs untouched bit for bit, and a
+    pair's result bit-identical whether it is computed in a large batch or alone. Training (a
+    gradient to the factors) and other layouts or dtypes keep the gather path."""
+    g = torch.Generator().manual_seed(1)
+    slots, experts, rank, fan_in, fan_out, pairs = 3, 5, 4, 12, 7, 100
+    a = torch.randn(slots, experts, rank, fan_in, generator=g)
+    b = torch.randn(slots, experts, rank, fan_out, generator=g).transpose(-1, -2)  # [S, E, out, R] view
+    scaling = torch.tensor([0.5, 2.0, 1.0])
+    module = "layers.0.mlp.experts.down_proj"
+    bank = AdapterBank({module: (a, b)}, scaling)
+    ids = [-1, 0, 2, 1]
+    x = torch.randn(pairs, fan_in, generator=g)
+    y = torch.randn(pairs, fan_out, generator=g)
+    rows = torch.randint(0, 4, (pairs,), generator=g)
+    pair_experts = torch.randint(0, experts, (pairs,), generator=g)
+
+    def run(bank: AdapterBank, rows: torch.Tensor, pair_experts: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        lora = LoraBatch(bank, ids)
+        plan = plan_expert_lora(lora, pair_rows=rows, pair_experts=pair_experts, num_experts=experts)
+        assert plan is not None
+        return plan, apply_expert_lora(y, x, module=module, lora=lora, plan=plan)
+
+    plan, got = run(bank, rows, pair_experts, x, y)
+    assert plan.rows is not None and plan.grouped is None
+    expected = y.clone()
+    for p in range(pairs):
+        slot, e = ids[int(rows[p])], int(pair_experts[p])
+        if slot >= 0:
+            expected[p] += scaling[slot] * (b[slot, e] @ (a[slot, e] @ x[p]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    base = rows == 0
+    assert torch.equal(got[base], y[base])
+    # The same factors laid out [S, E, out, R] contiguous take the grouped gather path.
+    gathered_plan, gathered = run(AdapterBank({module: (a, b.contiguous())}, scaling), rows, pair_experts, x, y)
+    assert gathered_plan.rows is None and gathered_plan.grouped is not None
+    torch.testing.assert_close(got, gathered, atol=1e-5, rtol=1e-5)
+    # Each pair depends only on itself: row 2's pairs alone give the batch's exact bits.
+    own = rows == 2
+    _, alone = run(bank, rows[own], pair_experts[own], x[own], y[own])
+    assert torch.equal(alone, got[own])
+    # A gradient to the factors needs the gather path; without one the same bank reads in place.
+    trainable = AdapterBank({module: (a.clone().requires_grad_(), b)}, scaling)
+    assert run(trainable, rows, pair_experts, x, y)[0].rows is None
+    with torch.no_grad():
+        assert run(trainable, rows, pair_experts, x, y)[0].rows is not None
+    assert run(AdapterBank({module: (a.bfloat16(), b.bfloat16())}, scaling), rows, pair_experts, x, y)[0].rows is None
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
 def test_mixed_adapters_per_row_equal_each_alone(kind: str, dirs: dict[str, Path]) -> None:
     model, spec, _ = load_base_model(dirs[kind])
