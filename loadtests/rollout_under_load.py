@@ -437,6 +437,12 @@ def main() -> None:
         default=None,
         help="replicas pace warms to keep the recent inter-token latency within this (seconds; default: no pacing)",
     )
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the replicas' interpreter thread switch interval (seconds; default: Python's 0.005)",
+    )
     ap.add_argument("--queue", type=int, default=512, help="replica admission queue (cold loads waiting)")
     ap.add_argument(
         "--control-plane-nice",
@@ -484,6 +490,11 @@ def main() -> None:
                 **(
                     {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
                 ),
+                **(
+                    {"LORAFLEET_SERVING_SWITCH_INTERVAL_SECONDS": str(args.switch_interval)}
+                    if args.switch_interval
+                    else {}
+                ),
             )
             with platform_processes(
                 fleet, max_concurrent=max(ns), nice=args.control_plane_nice, extra_env=events
@@ -522,8 +533,10 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
     time.sleep(args.baseline_seconds)
     out: dict[str, object] = {"traffic": traffic, "runs": {}}
     runs: dict[tuple[str, int], tuple[list[Sample], list[str], float]] = {}
+    server: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
     for n in ns:
         for mode in modes(args):
+            before = server_ttft(fleet)
             runs[(mode, n)] = run_mode(
                 mode=mode,
                 n=n,
@@ -534,12 +547,27 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
                 senders=senders,
                 interval=args.interval,
             )
+            after = server_ttft(fleet)
+            server[(mode, n)] = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
             traffic.phase = "between"
             time.sleep(2.0)
     traffic.stop()
     senders.stop()
     out["runs"] = runs
+    out["server"] = server
     return out
+
+
+def server_ttft(fleet: Fleet) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the replicas' own TTFT histogram (from the request's arrival at the engine
+    to its first token), by ``first_request`` label, summed over replicas and policies."""
+    return {
+        label: (
+            sum(rp.metric("lorafleet_ttft_seconds_sum", first_request=label) for rp in fleet.replicas.values()),
+            sum(rp.metric("lorafleet_ttft_seconds_count", first_request=label) for rp in fleet.replicas.values()),
+        )
+        for label in ("true", "false")
+    }
 
 
 def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) -> None:
@@ -601,6 +629,13 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
         bg_ratio = pct(ttfts(bg(f"two-stage N={n}")), 95) / base_p95
         bg_lazy = pct(ttfts(bg(f"lazy N={n}")), 95) / base_p95
         if args.diagnose:
+            server: dict[tuple[str, int], dict[str, tuple[float, float]]] = results["server"]  # type: ignore[assignment]
+            for mode in modes(args):
+                means = {k: (v[0] / v[1] * 1000 if v[1] else float("nan")) for k, v in server[(mode, n)].items()}
+                print(
+                    f"  diagnostic: [{mode}] mean TTFT inside the replicas (engine arrival to first token): "
+                    f"first requests {means['true']:.1f} ms, others {means['false']:.1f} ms"
+                )
             print(
                 "  diagnostic: background TTFT p95 warm-flip (the same warms and flips, no controller or API) "
                 f"/ no rollout = {pct(ttfts(bg(f'warm-flip N={n}')), 95) / base_p95:.3f}"
