@@ -70,6 +70,9 @@ class ReplicaProgress(BaseModel):
     smoke_output: str | None = None
     loaded: bool = False
     """The replica may hold the revision pinned: unpin it there if the rollout does not reach serving."""
+    incarnation: str | None = None
+    """The replica process that reported it loaded: while its heartbeat names the same one, the
+    pin is still there and the flip needs no confirmation call."""
     updated_at: float = 0.0
 
 

@@ -265,6 +265,8 @@ class Driver:
             )
             progress.load_seconds = dict(report.seconds)
             progress.already_resident = report.already_resident
+            progress.incarnation = report.incarnation
+            await self._keep_previous_warm(rid, address)
             if self.s.smoke is not None:
                 await self._set(rid, phase=ReplicaPhase.SMOKE)
                 await self._smoke(rid, address, self.s.smoke, deadline)
@@ -330,31 +332,45 @@ class Driver:
         if changed:
             await self._save()
 
-    async def _confirm_ready(self, deadline: float) -> bool:
-        """Right before the flip, on every ready target: re-assert the new revision's pin (instant
-        when resident; a reload if the replica restarted since it was ready), and pin the revision
-        serving now where it is resident, so that a rollback within the keep-warm window loads
-        nothing. False when a target failed the confirmation: decide again."""
-        ready = [rid for rid in self.s.plan.replicas if self.s.states[rid].phase == ReplicaPhase.READY]
+    async def _keep_previous_warm(self, rid: str, address: str) -> None:
+        """Pin the revision serving now where it is resident, so that a rollback within the
+        keep-warm window loads nothing. Tier "disk" promotes nothing: it pins the revision
+        wherever it is resident (on the device, where it has been serving) and only fetches its
+        bundle if it is not. Best effort: a rollback would load it on demand."""
         previous = self.s.serving_revision_id
+        if previous is None or previous == self.s.revision_id:
+            return
+        try:
+            await self.c.client.warm(address, previous, tier="disk", pin=True)
+        except ReplicaError as exc:
+            log.info("rollout %s: could not keep %s warm on %s: %s", self.id, previous, rid, exc.message)
+
+    async def _confirm_ready(self, deadline: float) -> bool:
+        """Right before the flip, on every ready target: make sure the new revision is still
+        pinned there. A target whose heartbeat still comes from the process that reported it
+        loaded (same incarnation) holds the pin: nothing to ask. Any other (restarted since, or a
+        replica that does not report incarnations) is asked to warm again: instant when resident,
+        a reload if not, and the previous revision is pinned there again. False when a target
+        failed the confirmation: decide again."""
+        ready = [rid for rid in self.s.plan.replicas if self.s.states[rid].phase == ReplicaPhase.READY]
+        views = {v.id: v for v in await self._replica_views()}
 
         async def confirm(rid: str) -> None:
+            progress = self.s.states[rid]
+            view = views.get(rid)
+            if progress.incarnation is not None and view is not None and view.incarnation == progress.incarnation:
+                return
             address = self._addresses[rid]
             try:
-                await self.c.client.retrying(
+                report = await self.c.client.retrying(
                     lambda: self.c.client.warm(address, self.s.revision_id, tier=self.o.rollout_warm_tier, pin=True),
                     within_seconds=max(1.0, deadline - time.time()),
                 )
             except ReplicaError as exc:
                 await self._set(rid, phase=ReplicaPhase.FAILED, error=exc.body())
                 return
-            if previous is not None and previous != self.s.revision_id:
-                # Tier "disk" promotes nothing: it pins the revision wherever it is resident (on the
-                # device, where it has been serving) and only fetches its bundle if it is not.
-                try:
-                    await self.c.client.warm(address, previous, tier="disk", pin=True)
-                except ReplicaError as exc:  # not the rollout's concern: a rollback would load it on demand
-                    log.info("rollout %s: could not keep %s warm on %s: %s", self.id, previous, rid, exc.message)
+            progress.incarnation = report.incarnation
+            await self._keep_previous_warm(rid, address)
 
         await asyncio.gather(*(confirm(rid) for rid in ready))
         return all(self.s.states[rid].phase == ReplicaPhase.READY for rid in ready)

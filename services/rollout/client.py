@@ -72,6 +72,8 @@ class WarmReport(BaseModel):
     pinned: bool = False
     already_resident: bool = False
     seconds: dict[str, float] = {}
+    incarnation: str | None = None
+    """The replica process that loaded it (None from replicas that do not say)."""
 
 
 class ResidentInfo(BaseModel):

@@ -188,6 +188,7 @@ class RolloutController:
                         if isinstance(e, dict) and "revision_id" in e
                     ),
                     address=r.address or None,
+                    incarnation=(r.capacity or {}).get("incarnation"),
                 )
                 for r in rows
             ]

@@ -34,6 +34,8 @@ class ReplicaView:
     """Revisions its last heartbeat reported on the device tier."""
     address: str | None = None
     """Where its agent listens (None: it registered none)."""
+    incarnation: str | None = None
+    """The process its last heartbeat came from (a restart changes it)."""
 
 
 def is_live(replica: ReplicaView, *, base_model_id: str, heartbeat_timeout: float) -> bool:

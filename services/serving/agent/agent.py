@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.platform.db import record_heartbeat, transaction
 from lorafleet.platform.domain.enums import ReplicaRole, ReplicaState
+from lorafleet.platform.domain.ids import new_ulid
 from lorafleet.services.serving.engine.base import Engine, ResidentAdapter, Tier
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class ReplicaAgent:
         self.engine = engine
         self.replica_id = replica_id
         self.address = address
-        self.capacity = capacity
+        self.incarnation = new_ulid()
+        """This process's life: a replica that restarts (same id) reports a new one, so the rollout
+        controller can tell that what it warmed before is gone without asking."""
+        self.capacity = capacity | {"incarnation": self.incarnation}
         self.heartbeat_seconds = heartbeat_seconds
         self.poke_gap_seconds = min(poke_gap_seconds, heartbeat_seconds)
         """Poked beats come at most this often: a rollout of N revisions pokes after every warm,

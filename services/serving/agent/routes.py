@@ -59,6 +59,8 @@ class LoadPublic(BaseModel):
     already_resident: bool
     seconds: dict[str, float]
     """Per stage (fetch, read, install); empty when it was already resident."""
+    incarnation: str
+    """The replica process that holds it (a new one after a restart; also in its heartbeat)."""
 
 
 class ResidentPublic(BaseModel):
@@ -141,6 +143,7 @@ def internal_router(
             pinned=body.pin,
             already_resident=report.already_resident,
             seconds=report.seconds,
+            incarnation=agent.incarnation,
         )
 
     @router.post("/adapters/unpin")

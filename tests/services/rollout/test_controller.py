@@ -418,3 +418,40 @@ def test_replica_killed_mid_warm_fails_the_rollout(fleet: Fleet, api: TestClient
     assert fleet.policy(policy_id).serving_revision_id == r0
     answer = fleet.replicas["rep-a"].chat(fleet.infer_key, "lost")
     assert (answer.status, answer.revision) == (200, r0)
+
+
+def test_a_target_restarted_after_ready_is_warmed_again_before_the_flip(fleet: Fleet, api: TestClient) -> None:
+    """The flip needs no call to a target whose heartbeat still comes from the process that
+    loaded the revision; one that restarted since (same id, new incarnation, the revision gone
+    from its memory) is warmed again before the flip, so no user request pays for the load."""
+    for name in ("rep-a", "rep-b"):  # an earlier test of the module may have killed one
+        if not fleet.replicas[name].alive():
+            fleet.start_replicas(name)
+    policy_id, r0 = fleet.new_policy("restarted")
+    r1 = fleet.publish(policy_id)
+    rep_b = fleet.replicas["rep-b"]
+    # A heartbeat timeout longer than a replica's restart, so that rep-a is not lost meanwhile.
+    with controller(fleet, rollout_heartbeat_timeout_seconds=120.0):
+        rep_b.pause()  # its warm hangs, so the rollout waits between rep-a's ready and the flip
+        try:
+            rollout_id = start_rollout(api, fleet, "restarted", {"revision": r1})
+            eventually(
+                lambda: fleet.rollout(rollout_id).replica_states.get("rep-a", {}).get("phase") == "ready",
+                timeout=30,
+                what="rep-a to be warmed",
+            )
+            first = fleet.rollout(rollout_id).replica_states["rep-a"]["incarnation"]
+            assert first
+            fleet.replicas["rep-a"].kill()  # dies without a word: its row still says up
+            fleet.start_replicas("rep-a")
+            assert r1 not in fleet.replicas["rep-a"].resident(fleet.admin_key)
+        finally:
+            rep_b.resume()
+        view = wait_done(api, fleet, "restarted", rollout_id)
+    assert view["state"] == "serving", view
+    again = fleet.rollout(rollout_id).replica_states["rep-a"]["incarnation"]
+    assert again and again != first
+    entry = fleet.replicas["rep-a"].resident(fleet.admin_key)[r1]
+    assert entry["tier"] == "device" and entry["pinned"]
+    assert fleet.replicas["rep-a"].chat(fleet.infer_key, "restarted").revision == r1
+    assert fleet.policy(policy_id).serving_revision_id == r1 and r0 != r1
