@@ -351,18 +351,32 @@ def run_mode(
         """The diagnostic mode: what the controller does, without the controller (the warms from
         here, both replicas at once, then the flip and its announcement)."""
 
-        def warm(url: str) -> None:
-            body = {"revision_id": revision, "tier": "device", "pin": True}
-            client.post(f"{url}/internal/adapters/warm", json=body, headers=admin, timeout=120).raise_for_status()
+        ok = [True] * len(urls)
 
-        threads = [threading.Thread(target=warm, args=(url,)) for url in urls]
+        def warm(i: int, url: str) -> None:
+            body = {"revision_id": revision, "tier": "device", "pin": True}
+            try:
+                warm_client.post(
+                    f"{url}/internal/adapters/warm", json=body, headers=admin, timeout=300
+                ).raise_for_status()
+            except httpx.HTTPError as exc:
+                ok[i] = False
+                failures.append(f"warm of {revision} on {url}: {exc!r}")
+
+        threads = [threading.Thread(target=warm, args=(i, url)) for i, url in enumerate(urls)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        flip_lazy(fleet, bus, policy_id, revision)
+        if all(ok):
+            flip_lazy(fleet, bus, policy_id, revision)
+        else:
+            with lock:
+                pending.pop(policy_id, None)
 
-    with httpx.Client() as client:
+    # Warms wait in the replicas' admission queues (paced, one at a time): no pool limit for them.
+    unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=2 * len(urls))
+    with httpx.Client() as client, httpx.Client(limits=unbounded) as warm_client:
 
         def send_flipped(pointers: dict[str, str | None]) -> None:
             nonlocal sent
