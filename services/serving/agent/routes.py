@@ -89,10 +89,10 @@ _TIER_ORDER = {t: i for i, t in enumerate(Tier)}
 
 
 def internal_router(
-    *, engine: Engine, agent: ReplicaAgent, sessions: sessionmaker[Session], keys: KeyCache | None = None
+    *, engine: Engine, agent: ReplicaAgent, sessions: sessionmaker[Session], keys: KeyCache
 ) -> APIRouter:
     router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
-    admin = Annotated[Principal, Depends(require_platform_admin(keys or sessions))]
+    admin = Annotated[Principal, Depends(require_platform_admin(keys))]
 
     handles: LRUCache[str, AdapterHandle] = LRUCache(maxsize=4096)
     handles_lock = threading.Lock()

@@ -66,18 +66,13 @@ class KeyCache:
             return authenticate(session, authorization)
 
 
-def _keys(source: sessionmaker[Session] | KeyCache) -> KeyCache:
-    return source if isinstance(source, KeyCache) else KeyCache(source, ttl_seconds=0)
-
-
-def require_scope(source: sessionmaker[Session] | KeyCache, scope: Scope) -> Callable[..., Principal]:
-    """A FastAPI dependency: the caller's principal, which must hold ``scope``. ``source``: the
-    replica's :class:`KeyCache`, or a sessionmaker (every request asks the database).
+def require_scope(keys: KeyCache, scope: Scope) -> Callable[..., Principal]:
+    """A FastAPI dependency: the caller's principal (checked through the replica's key cache),
+    which must hold ``scope``.
 
     Synchronous on purpose: FastAPI runs it in a worker thread, off the event loop that
     drives generation.
     """
-    keys = _keys(source)
 
     def dependency(authorization: Annotated[str | None, Header()] = None) -> Principal:
         principal = keys.principal(authorization)
@@ -87,13 +82,13 @@ def require_scope(source: sessionmaker[Session] | KeyCache, scope: Scope) -> Cal
     return dependency
 
 
-def require_platform_admin(source: sessionmaker[Session] | KeyCache) -> Callable[..., Principal]:
+def require_platform_admin(keys: KeyCache) -> Callable[..., Principal]:
     """An admin key of tenant ``default``: the operator (and the rollout controller acting for it).
 
     Replica-internal operations (warming and evicting adapters) change capacity every tenant
     shares, so a tenant's own admin key is not enough.
     """
-    admin = require_scope(source, Scope.ADMIN)
+    admin = require_scope(keys, Scope.ADMIN)
 
     def dependency(authorization: Annotated[str | None, Header()] = None) -> Principal:
         principal = admin(authorization)

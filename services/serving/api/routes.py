@@ -81,11 +81,9 @@ class _FirstRequests:
         return True
 
 
-def openai_router(
-    *, engine: Engine, resolver: Resolver, sessions: sessionmaker[Session], keys: KeyCache | None = None
-) -> APIRouter:
+def openai_router(*, engine: Engine, resolver: Resolver, sessions: sessionmaker[Session], keys: KeyCache) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["inference"])
-    infer = Annotated[Principal, Depends(require_scope(keys or sessions, Scope.INFER))]
+    infer = Annotated[Principal, Depends(require_scope(keys, Scope.INFER))]
     first_requests = _FirstRequests()
 
     async def prepare(
