@@ -60,9 +60,8 @@ class PointerWatch:
             await anyio.to_thread.run_sync(self.bus.close)
 
     def _changed(self, tenant_id: str, policy: str) -> None:
-        """A flip: drop the cached pointer at once, then read the new one (and its revision) ahead
-        of the first request. A failed read only leaves it to that request."""
-        self.resolver.invalidate(tenant_id, policy)
+        """A flip: drop the cached pointer, then read the new one (and its revision) ahead of the
+        first request. A failed read leaves it dropped, for that request to read."""
         try:
             self.resolver.refresh(tenant_id, policy)
         except SQLAlchemyError as exc:
