@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -186,7 +187,7 @@ class FirstSenders:
             p.start()
         _wait_ready(self._out, processes, self._procs)
 
-    def send(self, i: int, url: str, name: str, revision: str) -> None:
+    def send(self, url: str, name: str, revision: str) -> None:
         self._tasks.put((url, name, revision))
 
     def collect(self, count: int, timeout: float = 300.0) -> list[tuple[Any, ...]]:
@@ -384,7 +385,7 @@ def run_mode(
                 for pid, (i, name, revision) in list(pending.items()):
                     if pointers.get(pid) == revision:
                         del pending[pid]
-                        senders.send(i, urls[i % len(urls)], name, revision)
+                        senders.send(urls[i % len(urls)], name, revision)
                         sent += 1
 
         def on_flip(event: Event) -> None:
@@ -451,12 +452,6 @@ def main() -> None:
         default=None,
         help="replicas pace warms to keep the recent inter-token latency within this (seconds; default: no pacing)",
     )
-    ap.add_argument(
-        "--switch-interval",
-        type=float,
-        default=None,
-        help="the replicas' interpreter thread switch interval (seconds; default: Python's 0.005)",
-    )
     ap.add_argument("--queue", type=int, default=512, help="replica admission queue (cold loads waiting)")
     ap.add_argument(
         "--control-plane-nice",
@@ -503,11 +498,6 @@ def main() -> None:
                 LORAFLEET_SERVING_HEARTBEAT_SECONDS=str(ServingOptions().serving_heartbeat_seconds),
                 **(
                     {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
-                ),
-                **(
-                    {"LORAFLEET_SERVING_SWITCH_INTERVAL_SECONDS": str(args.switch_interval)}
-                    if args.switch_interval
-                    else {}
                 ),
             )
             with platform_processes(
@@ -574,14 +564,19 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
 
 def server_ttft(fleet: Fleet) -> dict[str, tuple[float, float]]:
     """(sum, count) of the replicas' own TTFT histogram (from the request's arrival at the engine
-    to its first token), by ``first_request`` label, summed over replicas and policies."""
-    return {
-        label: (
-            sum(rp.metric("lorafleet_ttft_seconds_sum", first_request=label) for rp in fleet.replicas.values()),
-            sum(rp.metric("lorafleet_ttft_seconds_count", first_request=label) for rp in fleet.replicas.values()),
-        )
-        for label in ("true", "false")
-    }
+    to its first token), by ``first_request`` label, summed over replicas and policies; one
+    scrape of each replica."""
+    totals = {label: [0.0, 0.0] for label in ("true", "false")}
+    for rp in fleet.replicas.values():
+        text = httpx.get(f"{rp.url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                label = sample.labels.get("first_request")
+                if label in totals and sample.name == "lorafleet_ttft_seconds_sum":
+                    totals[label][0] += sample.value
+                elif label in totals and sample.name == "lorafleet_ttft_seconds_count":
+                    totals[label][1] += sample.value
+    return {label: (total[0], total[1]) for label, total in totals.items()}
 
 
 def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) -> None:

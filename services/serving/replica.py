@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,10 +56,6 @@ class ServingOptions(BaseModel):
     serving_heartbeat_seconds: float = Field(default=5.0, gt=0)
     serving_resolve_ttl_seconds: float = Field(default=1.0, ge=0)
     """How long a policy's serving pointer is cached before it is read again."""
-    serving_switch_interval_seconds: float | None = Field(default=None, gt=0)
-    """The interpreter's thread switch interval in a ``lorafleet serve`` process (None: Python's
-    5 ms). The engine's step thread and the HTTP event loop share the GIL: a request waiting on
-    a busy step thread waits up to this long for each turn."""
     serving_auth_cache_seconds: float = Field(default=5.0, ge=0)
     """How long a verified API key is trusted without asking the database again (so a revoked
     key still works on replicas for up to this long); 0: every request asks."""
@@ -303,8 +298,6 @@ def run_serving(settings: Settings) -> None:
     db = make_engine(settings.resolved_database_url)
     try:
         replica = build_serving(settings, sessions=make_sessionmaker(db), store=make_object_store(settings))
-        if replica.options.serving_switch_interval_seconds is not None:
-            sys.setswitchinterval(replica.options.serving_switch_interval_seconds)
         uvicorn.run(
             create_serving_app(replica),
             host=settings.host,
