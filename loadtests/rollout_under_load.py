@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import multiprocessing
+import os
 import queue
 import subprocess
 import sys
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import select  # noqa: E402
 
-from loadtests._load_clients import client_loop, first_loop  # noqa: E402
+from loadtests._load_clients import client_loop, first_loop, open_loop  # noqa: E402
 from lorafleet.platform.db import models, transaction  # noqa: E402
 from lorafleet.platform.domain.ids import new_id, new_ulid  # noqa: E402
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, Event, EventBus, PolicyPointerChanged  # noqa: E402
@@ -103,15 +105,21 @@ class Traffic:
     they measure is not inflated by this process's interpreter (watcher, probes); each sample is
     labelled with the phase that was current when its request started."""
 
-    def __init__(self, fleet: Fleet, policies: list[str], *, clients: int, max_tokens: int) -> None:
+    def __init__(
+        self, fleet: Fleet, policies: list[str], *, clients: int, max_tokens: int, rate: float | None = None
+    ) -> None:
+        """``rate``: open loop, that many requests per second in all (Poisson arrivals, split over
+        ``clients`` processes); None: ``clients`` closed-loop clients (each sends its next request
+        when the last one ended: they keep the replicas saturated)."""
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
         self._out: Any = ctx.Queue()
         urls = [rp.url for rp in fleet.replicas.values()]
+        common = (urls, fleet.infer_key, policies, max_tokens)
         self._procs = [
             ctx.Process(
-                target=client_loop,
-                args=(i, urls, fleet.infer_key, policies, max_tokens, self._stop, self._out),
+                target=open_loop if rate else client_loop,
+                args=(i, *common, *((rate / clients,) if rate else ()), self._stop, self._out),
                 daemon=True,
             )
             for i in range(clients)
@@ -120,12 +128,17 @@ class Traffic:
         self.samples: list[Sample] = []
 
     @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    @property
     def phase(self) -> str:
         return self._phases[-1][1]
 
     @phase.setter
     def phase(self, name: str) -> None:
         self._phases.append((time.time(), name))
+        print(f"phase: {name} ({time.strftime('%H:%M:%S')})", flush=True)  # progress, for a long run
 
     def start(self) -> None:
         """Start the clients and return once each has started (a spawned process imports this
@@ -187,6 +200,10 @@ class FirstSenders:
             p.start()
         _wait_ready(self._out, processes, self._procs)
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
     def send(self, url: str, name: str, revision: str) -> None:
         self._tasks.put((url, name, revision))
 
@@ -210,7 +227,7 @@ class FirstSenders:
 @contextmanager
 def platform_processes(
     fleet: Fleet, *, max_concurrent: int, nice: int = 0, extra_env: dict[str, str] | None = None
-) -> Iterator[str]:
+) -> Iterator[tuple[str, dict[str, int]]]:
     """The control-plane API and the rollout controller, each a process of its own (as deployed),
     so that neither shares this process's interpreter with the clients that measure latency.
 
@@ -260,7 +277,7 @@ def platform_processes(
                 if time.monotonic() > deadline:
                     raise SystemExit(f"a platform process did not start; see the logs in {fleet.work}")
                 time.sleep(0.2)
-        yield f"http://127.0.0.1:{api_port}"
+        yield f"http://127.0.0.1:{api_port}", {"api": running[0].pid, "controller": running[1].pid}
     finally:
         for proc in running:
             proc.terminate()
@@ -269,6 +286,31 @@ def platform_processes(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the run (the diagnostic's account of where a phase's CPU
+    went): each replica, the API, the controller, PostgreSQL and Redis (every process of theirs on
+    the machine), the load processes and this process."""
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self._parts = parts
+
+    def snapshot(self) -> dict[str, float]:
+        pids = dict(self._parts)
+        pids["postgres"] = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+        pids["redis"] = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
+        totals = {}
+        for part, ids in pids.items():
+            total = 0.0
+            for pid in ids:
+                try:
+                    t = psutil.Process(pid).cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass  # ended (a PostgreSQL backend that closed)
+            totals[part] = total
+        return totals
 
 
 def new_empty_policy(fleet: Fleet, name: str) -> str:
@@ -441,7 +483,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="20", help="comma-separated revision counts, e.g. 20,100 (default 20)")
     ap.add_argument("--warm", type=int, default=6, help="warm policies carrying the background traffic")
-    ap.add_argument("--clients", type=int, default=3, help="closed-loop background clients")
+    ap.add_argument("--clients", type=int, default=3, help="background client processes")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open-loop background traffic: requests per second in all, Poisson arrivals "
+        "(default: closed loop, each client sends its next request when its last one ended)",
+    )
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--first-senders", type=int, default=6, help="processes sending the first requests")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between two published revisions")
@@ -500,10 +549,11 @@ def main() -> None:
                     {"LORAFLEET_SERVING_STEP_LATENCY_BUDGET_SECONDS": str(args.step_budget)} if args.step_budget else {}
                 ),
             )
-            with platform_processes(
-                fleet, max_concurrent=max(ns), nice=args.control_plane_nice, extra_env=events
-            ) as api:
-                report(run_all(args, ns, fleet, bus, api), ns, args)
+            with platform_processes(fleet, max_concurrent=max(ns), nice=args.control_plane_nice, extra_env=events) as (
+                api,
+                control_pids,
+            ):
+                report(run_all(args, ns, fleet, bus, api, control_pids), ns, args)
         finally:
             fleet.stop()
             fleet.sessions.kw["bind"].dispose()
@@ -514,7 +564,9 @@ def modes(args: argparse.Namespace) -> tuple[str, ...]:
     return ("two-stage", "lazy", "warm-flip") if args.diagnose else ("two-stage", "lazy")
 
 
-def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus, api: str) -> dict[str, object]:
+def run_all(
+    args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus, api: str, control_pids: dict[str, int]
+) -> dict[str, object]:
     warm_policies = []
     admin = {"Authorization": f"Bearer {fleet.admin_key}"}
     for i in range(args.warm):
@@ -529,18 +581,26 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
             )
             r.raise_for_status()
         warm_policies.append(name)
-    traffic = Traffic(fleet, warm_policies, clients=args.clients, max_tokens=args.max_tokens)
+    traffic = Traffic(fleet, warm_policies, clients=args.clients, max_tokens=args.max_tokens, rate=args.rate)
     senders = FirstSenders(fleet, processes=args.first_senders, max_tokens=args.max_tokens)
     traffic.start()
+    meter = CpuMeter(
+        {rid: [rp.proc.pid] for rid, rp in fleet.replicas.items()}
+        | {part: [pid] for part, pid in control_pids.items()}
+        | {"load": traffic.pids + senders.pids, "bench": [os.getpid()]}
+    )
     time.sleep(3.0)
     traffic.phase = "baseline"
+    cpu_start = meter.snapshot()
     time.sleep(args.baseline_seconds)
-    out: dict[str, object] = {"traffic": traffic, "runs": {}}
+    cpu: dict[str, dict[str, float]] = {"baseline": _cpu_rate(cpu_start, meter.snapshot(), args.baseline_seconds)}
+    out: dict[str, object] = {"traffic": traffic, "runs": {}, "cpu": cpu}
     runs: dict[tuple[str, int], tuple[list[Sample], list[str], float]] = {}
     server: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
     for n in ns:
         for mode in modes(args):
             before = server_ttft(fleet)
+            cpu_start = meter.snapshot()
             runs[(mode, n)] = run_mode(
                 mode=mode,
                 n=n,
@@ -551,6 +611,7 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
                 senders=senders,
                 interval=args.interval,
             )
+            cpu[f"{mode} N={n}"] = _cpu_rate(cpu_start, meter.snapshot(), runs[(mode, n)][2])
             after = server_ttft(fleet)
             server[(mode, n)] = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
             traffic.phase = "between"
@@ -560,6 +621,11 @@ def run_all(args: argparse.Namespace, ns: list[int], fleet: Fleet, bus: EventBus
     out["runs"] = runs
     out["server"] = server
     return out
+
+
+def _cpu_rate(start: dict[str, float], end: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used by each part over a phase (CPU seconds / wall seconds)."""
+    return {part: (end[part] - start.get(part, 0.0)) / seconds for part in end}
 
 
 def server_ttft(fleet: Fleet) -> dict[str, tuple[float, float]]:
@@ -598,12 +664,18 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
     base = bg("baseline")
     base_p95 = pct(ttfts(base), 95)
     print(
-        f"\nrollout under load: 2 replicas (tiny-moe), {args.warm} warm policies, {args.clients} closed-loop clients, "
-        f"max_tokens {args.max_tokens}, one revision published every {args.interval}s; API and controller at "
+        f"\nrollout under load: 2 replicas (tiny-moe), {args.warm} warm policies, "
+        + (
+            f"open-loop traffic at {args.rate:g} requests/s ({args.clients} processes), "
+            if args.rate
+            else f"{args.clients} closed-loop clients, "
+        )
+        + f"max_tokens {args.max_tokens}, one revision published every {args.interval}s; API and controller at "
         f"nice {args.control_plane_nice}"
     )
     print(
-        f"baseline (no rollout): {len(ttfts(base))} requests, background TTFT p50/p95/p99 ms {three(ttfts(base))}; "
+        f"baseline (no rollout): {len(ttfts(base))} requests ({len(ttfts(base)) / args.baseline_seconds:.1f}/s), "
+        f"background TTFT p50/p95/p99 ms {three(ttfts(base))}; "
         f"errors {sum(s.status != 200 for s in base)}"
     )
     for n in ns:
@@ -644,6 +716,13 @@ def report(results: dict[str, object], ns: list[int], args: argparse.Namespace) 
                 print(
                     f"  diagnostic: [{mode}] mean TTFT inside the replicas (engine arrival to first token): "
                     f"first requests {means['true']:.1f} ms, others {means['false']:.1f} ms"
+                )
+            cpu: dict[str, dict[str, float]] = results["cpu"]  # type: ignore[assignment]
+            for phase in ("baseline", *(f"{mode} N={n}" for mode in modes(args))):
+                used = cpu[phase]
+                print(
+                    f"  diagnostic: cores used in {phase}: total {sum(used.values()):.2f}: "
+                    + ", ".join(f"{part} {v:.2f}" for part, v in used.items())
                 )
             print(
                 "  diagnostic: background TTFT p95 warm-flip (the same warms and flips, no controller or API) "

@@ -13,7 +13,12 @@ from lorafleet.platform.config.settings import Settings
 from lorafleet.platform.domain.errors import InvalidRequest
 from lorafleet.platform.events.base import Callback, Event, EventBus, Subscription, validate_topic
 from lorafleet.platform.events.inprocess import InProcessBus
-from lorafleet.platform.events.topics import POLICY_POINTER_CHANGED, PolicyPointerChanged, on_pointer_changed
+from lorafleet.platform.events.topics import (
+    POLICY_POINTER_CHANGED,
+    PolicyPointerChanged,
+    on_pointer_change,
+    on_pointer_changed,
+)
 
 __all__ = [
     "POLICY_POINTER_CHANGED",
@@ -25,6 +30,7 @@ __all__ = [
     "Subscription",
     "event_backend",
     "make_event_bus",
+    "on_pointer_change",
     "on_pointer_changed",
     "validate_topic",
 ]

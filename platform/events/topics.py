@@ -16,8 +16,10 @@ POLICY_POINTER_CHANGED = "policy_pointer_changed"
 
 
 class PolicyPointerChanged(BaseModel):
-    """Payload of :data:`POLICY_POINTER_CHANGED`. Replicas drop their cached pointer for the policy;
-    the next request reads the new one from the database (the event carries no authority)."""
+    """Payload of :data:`POLICY_POINTER_CHANGED`. Replicas point their cached pointer at
+    ``revision_id`` when they already know it as a revision of ``policy_id`` and their cached
+    pointer names ``previous_revision_id`` (else they drop it), then read the pointer from the
+    database, which has the last word."""
 
     # Read by replicas of possibly other versions: tolerant of fields added later.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -34,17 +36,23 @@ class PolicyPointerChanged(BaseModel):
     rollout_id: str | None = None
 
 
-def on_pointer_changed(invalidate: Callable[[str, str], None]) -> Callback:
-    """A :data:`POLICY_POINTER_CHANGED` subscriber that calls ``invalidate(tenant_id, policy_name)``,
-    the serving resolver's cache hook: ``bus.subscribe(POLICY_POINTER_CHANGED,
-    on_pointer_changed(resolver.invalidate))``."""
+def on_pointer_change(handle: Callable[[PolicyPointerChanged], None]) -> Callback:
+    """A :data:`POLICY_POINTER_CHANGED` subscriber that calls ``handle`` with each well-formed
+    payload (a malformed one is logged and ignored: the resolver's TTL still bounds staleness)."""
 
     def callback(event: Event) -> None:
         try:
             change = PolicyPointerChanged.model_validate(event.payload)
-        except ValidationError as exc:  # not ours to act on; the resolver's TTL still bounds staleness
+        except ValidationError as exc:
             log.warning("ignored a malformed %s event: %s", POLICY_POINTER_CHANGED, exc)
             return
-        invalidate(change.tenant_id, change.policy)
+        handle(change)
 
     return callback
+
+
+def on_pointer_changed(invalidate: Callable[[str, str], None]) -> Callback:
+    """A :data:`POLICY_POINTER_CHANGED` subscriber that calls ``invalidate(tenant_id, policy_name)``,
+    the serving resolver's cache hook: ``bus.subscribe(POLICY_POINTER_CHANGED,
+    on_pointer_changed(resolver.invalidate))``."""
+    return on_pointer_change(lambda change: invalidate(change.tenant_id, change.policy))

@@ -263,7 +263,7 @@ def build_serving(
     replica.routers = (
         lifecycle,
         openai_router(engine=engine, resolver=resolver, sessions=sessions, keys=keys),
-        internal_router(engine=engine, agent=agent, sessions=sessions, keys=keys),
+        internal_router(engine=engine, agent=agent, resolver=resolver, keys=keys),
     )
     return replica
 

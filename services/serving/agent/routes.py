@@ -9,21 +9,17 @@ under ``/internal``; an ingress in front of the replicas should not route that p
 # No ``from __future__ import annotations``: the endpoint signatures use a dependency alias built
 # inside the router factory, which FastAPI can only see when annotations are evaluated eagerly.
 
-import threading
 from typing import Annotated, Literal
 
 import anyio
-from cachetools import LRUCache
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy.orm import Session, sessionmaker
 
-from lorafleet.adapters_store import RevisionRef
 from lorafleet.platform.auth import Principal
-from lorafleet.platform.db import models
 from lorafleet.platform.domain.errors import Conflict, NotFound
 from lorafleet.services.serving.agent.agent import ReplicaAgent
 from lorafleet.services.serving.api.auth import KeyCache, require_platform_admin
+from lorafleet.services.serving.api.resolver import Resolver
 from lorafleet.services.serving.engine.base import AdapterHandle, Engine, Tier
 
 
@@ -88,46 +84,24 @@ class EvictPublic(BaseModel):
 _TIER_ORDER = {t: i for i, t in enumerate(Tier)}
 
 
-def internal_router(
-    *, engine: Engine, agent: ReplicaAgent, sessions: sessionmaker[Session], keys: KeyCache
-) -> APIRouter:
+def internal_router(*, engine: Engine, agent: ReplicaAgent, resolver: Resolver, keys: KeyCache) -> APIRouter:
     router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
     admin = Annotated[Principal, Depends(require_platform_admin(keys))]
 
-    handles: LRUCache[str, AdapterHandle] = LRUCache(maxsize=4096)
-    handles_lock = threading.Lock()
-
     def handle_of(revision_id: str) -> AdapterHandle:
-        """The revision's handle; rows never change once committed, so a found one is kept (a
-        rollout warms each revision twice: the warm, then the confirmation before the flip)."""
-        with handles_lock:
-            known = handles.get(revision_id)
-        if known is not None:
-            return known
-        handle = read_handle(revision_id)
-        with handles_lock:
-            handles[revision_id] = handle
-        return handle
-
-    def read_handle(revision_id: str) -> AdapterHandle:
-        with sessions() as session:
-            row = session.get(models.AdapterRevision, revision_id)
-            if row is None:
-                raise NotFound(f"no adapter revision {revision_id!r}", code="revision_not_found", param="revision_id")
-            if row.base_model_id != engine.base_model_id:
-                raise Conflict(
-                    f"revision {revision_id} is for base {row.base_model_id}; this replica serves "
-                    f"{engine.base_model_id}",
-                    code="base_mismatch",
-                    param="revision_id",
-                )
-            policy = session.get(models.Policy, row.policy_id)
-            return AdapterHandle(
-                revision_id=row.id,
-                ref=RevisionRef(revision_id=row.id, uri=row.uri, manifest_sha256=row.sha256),
-                policy=policy.name if policy else None,
-                tenant_id=row.tenant_id,
+        """The revision's handle, through the resolver's revision cache: rows never change once
+        committed, and a revision warmed here is then known when its flip is announced."""
+        known = resolver.revision(revision_id)
+        if known is None:
+            raise NotFound(f"no adapter revision {revision_id!r}", code="revision_not_found", param="revision_id")
+        if known.base_model_id != engine.base_model_id:
+            raise Conflict(
+                f"revision {revision_id} is for base {known.base_model_id}; this replica serves "
+                f"{engine.base_model_id}",
+                code="base_mismatch",
+                param="revision_id",
             )
+        return known.handle
 
     @router.post("/adapters/warm")
     async def warm(body: WarmRequest, _: admin) -> LoadPublic:

@@ -3,8 +3,10 @@
 :class:`PointerWatch` subscribes the resolver's cache hook to ``policy_pointer_changed`` on the
 deployment's bus (Redis pub/sub in production, the process's in-process bus in the embedded
 mode), so the next request after a flip or a rollback resolves the new revision within
-milliseconds: the replica reads the new pointer and its revision as soon as the event arrives,
-so that request does not wait on the database either. Events are at most once, so they only
+milliseconds: the replica points its cache at the announced revision at once when it already
+knows that revision (it warmed it for the rollout, or served it before a rollback), then reads
+the pointer and its revision from the database, which has the last word; so the first request
+after a flip waits on the database in neither case. Events are at most once, so they only
 make the repair sooner; the reconciliation is the resolver's own: a cached pointer is re-read
 from the database once it is ``serving_resolve_ttl_seconds`` old. A subscription that is lost
 (Redis down at start, or its callback failed) is made again every ``retry_seconds``, and every
@@ -21,7 +23,13 @@ import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
 from lorafleet.platform.domain.errors import Unavailable
-from lorafleet.platform.events import POLICY_POINTER_CHANGED, EventBus, Subscription, on_pointer_changed
+from lorafleet.platform.events import (
+    POLICY_POINTER_CHANGED,
+    EventBus,
+    PolicyPointerChanged,
+    Subscription,
+    on_pointer_change,
+)
 from lorafleet.services.serving.api.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -59,17 +67,26 @@ class PointerWatch:
         if self.owns_bus:
             await anyio.to_thread.run_sync(self.bus.close)
 
-    def _changed(self, tenant_id: str, policy: str) -> None:
-        """A flip: drop the cached pointer, then read the new one (and its revision) ahead of the
-        first request. A failed read leaves it dropped, for that request to read."""
+    def _changed(self, change: PolicyPointerChanged) -> None:
+        """A flip: point the cache at the announced revision when that is safe (see
+        :meth:`Resolver.apply_flip`), else drop the cached pointer; then read the new one (and its
+        revision) ahead of the first request. A failed read leaves what the announcement set, or
+        nothing, for that request to read."""
+        applied = self.resolver.apply_flip(
+            change.tenant_id,
+            change.policy,
+            policy_id=change.policy_id,
+            revision_id=change.revision_id,
+            previous_revision_id=change.previous_revision_id,
+        )
         try:
-            self.resolver.refresh(tenant_id, policy)
+            self.resolver.refresh(change.tenant_id, change.policy, keep_cached=applied)
         except SQLAlchemyError as exc:
-            log.info("could not read the new pointer of %s ahead of its requests: %s", policy, exc)
+            log.info("could not read the new pointer of %s ahead of its requests: %s", change.policy, exc)
 
     def _subscribe(self) -> bool:
         try:
-            callback = on_pointer_changed(self._changed)
+            callback = on_pointer_change(self._changed)
             self._subscription = self.bus.subscribe(POLICY_POINTER_CHANGED, callback)
         except Unavailable as exc:
             log.warning("no pointer-change events (%s); pointers refresh every TTL until the bus is back", exc.message)

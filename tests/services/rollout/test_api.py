@@ -310,6 +310,138 @@ def test_pointer_event_invalidates_a_serving_resolver_at_once(seeded: Seeded) ->
         sub.close()
 
 
+class _GatedSessions:
+    """A sessionmaker stand-in that counts the sessions opened and can hold those opened by
+    threads whose name starts with ``gated_prefix`` until :attr:`release` is set."""
+
+    def __init__(self, factory, gated_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]
+        self.factory = factory
+        self.gated_prefix = gated_prefix
+        self.opened = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        self.opened += 1
+        if self.gated_prefix and threading.current_thread().name.startswith(self.gated_prefix):
+            self.entered.set()
+            assert self.release.wait(10), "the test never released the gated read"
+        return self.factory()
+
+
+def test_pointer_watch_serves_a_warmed_revision_from_the_announcement(seeded: Seeded) -> None:
+    """A flip to a revision the replica already knows (it warmed it) is served from the
+    announcement: the first request after it opens no database session even while the replica's
+    own confirming read of the pointer is still under way; the read then confirms it."""
+    import asyncio
+
+    from lorafleet.services.serving.api.pointer_events import PointerWatch
+    from lorafleet.services.serving.api.resolver import Resolver
+
+    p, keys, pol = seeded
+    gated = _GatedSessions(make_sessionmaker(make_engine(p.settings.resolved_database_url)), gated_prefix="events-")
+    resolver = Resolver(gated, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)  # type: ignore[arg-type]
+    watch = PointerWatch(make_event_bus(p.settings), resolver, owns_bus=False)
+
+    async def run() -> None:
+        await watch.start()
+        try:
+            warmed = resolver.revision(pol.revisions[1])  # what the warm endpoint does first
+            assert warmed is not None and warmed.policy_id == pol.id and warmed.handle.policy == "chat"
+            before = resolver.resolve(pol.tenant_id, "chat").adapter
+            assert before is not None and before.revision_id == pol.revisions[0]
+            r = await asyncio.to_thread(
+                p.client.post, "/v1/policies/chat/rollback", json={"revision": pol.revisions[1]},
+                headers=h(keys["train"]),
+            )
+            assert r.status_code == 200
+            assert await asyncio.to_thread(gated.entered.wait, 5), "the replica did not read the pointer on the event"
+            reads = gated.opened
+            during = resolver.resolve(pol.tenant_id, "chat").adapter  # the confirming read is held
+            assert during is not None and during.revision_id == pol.revisions[1]
+            assert gated.opened == reads, "the first request after the flip read the database"
+            gated.release.set()  # the confirming read goes on (the revision is known: one session)
+            await asyncio.sleep(0.2)
+            after = resolver.resolve(pol.tenant_id, "chat").adapter
+            assert after is not None and after.revision_id == pol.revisions[1]
+            assert gated.opened == reads, "the confirmed pointer is cached"
+        finally:
+            gated.release.set()
+            await watch.stop()
+
+    asyncio.run(run())
+
+
+def test_a_flip_announcement_applies_only_when_it_is_safe(seeded: Seeded) -> None:
+    """``apply_flip`` moves the cached pointer without the database only to a known revision of
+    that tenant's policy, and only from the revision the cache names (out of order: ignored)."""
+    from lorafleet.services.serving.api.resolver import Resolver
+
+    p, keys, pol = seeded
+    other = add_policy(p, tenant="acme", name="other")
+    counted = _GatedSessions(make_sessionmaker(make_engine(p.settings.resolved_database_url)))
+    resolver = Resolver(counted, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)  # type: ignore[arg-type]
+
+    def flip(revision: str, previous: str | None, *, tenant: str = pol.tenant_id, policy_id: str = pol.id) -> bool:
+        return resolver.apply_flip(
+            tenant, "chat", policy_id=policy_id, revision_id=revision, previous_revision_id=previous
+        )
+
+    def served() -> str:
+        adapter = resolver.resolve(pol.tenant_id, "chat").adapter
+        assert adapter is not None
+        return adapter.revision_id
+
+    assert not flip(pol.revisions[1], pol.revisions[0]), "a revision this replica never saw is read, not trusted"
+    assert served() == pol.revisions[0]
+    for rid in (pol.revisions[1], pol.revisions[2], other.revisions[0]):
+        assert resolver.revision(rid) is not None
+    reads = counted.opened
+    assert not flip(other.revisions[0], pol.revisions[0]), "another policy's revision"
+    assert not flip(pol.revisions[1], pol.revisions[0], policy_id=other.id), "the announcement's policy id is wrong"
+    assert not flip(pol.revisions[1], pol.revisions[0], tenant="ten-someone-else")
+    assert not flip(pol.revisions[2], pol.revisions[1]), "out of order: the cache names revisions[0], not [1]"
+    assert served() == pol.revisions[0] and counted.opened == reads
+    assert flip(pol.revisions[1], pol.revisions[0])
+    assert served() == pol.revisions[1] and counted.opened == reads
+    assert not flip(pol.revisions[1], pol.revisions[0]), "a duplicate announcement no longer matches"
+    assert flip(pol.revisions[2], pol.revisions[1])
+    assert served() == pol.revisions[2] and counted.opened == reads
+    # Only the cache moved: the database still names revisions[0], and a refresh restores it.
+    resolver.refresh(pol.tenant_id, "chat", keep_cached=True)
+    assert served() == pol.revisions[0]
+
+
+def test_a_pointer_read_that_began_before_an_invalidation_is_not_cached(seeded: Seeded) -> None:
+    """A request's read of a pointer that overlaps a flip's invalidation may have seen the old
+    pointer: it answers that request, but the next request reads again."""
+    from lorafleet.services.serving.api.resolver import Resolver
+
+    p, keys, pol = seeded
+    gated = _GatedSessions(make_sessionmaker(make_engine(p.settings.resolved_database_url)), gated_prefix="slow-read")
+    resolver = Resolver(gated, served_base_ids=frozenset({BASE_ID}), ttl_seconds=3600)  # type: ignore[arg-type]
+    resolver.resolve(BASE_ID, BASE_ID)  # the base list, read once
+    results: list[str | None] = []
+
+    def slow_read() -> None:
+        adapter = resolver.resolve(pol.tenant_id, "chat").adapter
+        results.append(adapter.revision_id if adapter else None)
+
+    reader = threading.Thread(target=slow_read, name="slow-read")
+    reader.start()
+    assert gated.entered.wait(5)
+    resolver.invalidate(pol.tenant_id, "chat")  # a flip lands while the read is under way
+    gated.release.set()
+    reader.join(timeout=10)
+    assert results == [pol.revisions[0]]
+    reads = gated.opened
+    assert resolver.resolve(pol.tenant_id, "chat").adapter is not None
+    assert gated.opened > reads, "the overlapping read was cached"
+    reads = gated.opened
+    resolver.resolve(pol.tenant_id, "chat")
+    assert gated.opened == reads, "a read that overlapped nothing is cached"
+
+
 def test_pointer_watch_reads_the_new_pointer_ahead_of_the_next_request(seeded: Seeded) -> None:
     """A replica's PointerWatch does not only drop the flipped pointer: it reads the new one and its
     revision on the event, so the first request after the flip opens no database session."""
