@@ -10,6 +10,10 @@ greedy, ``ignore_eos``), all submitted at once. Cases:
   one adapter at a time the requests of the 32-adapter case grouped by adapter; each group runs
                         alone and the next starts when it is done (what serving without
                         mixed-adapter batching does)
+  base only, one group at a time
+                        the base-only requests (no adapter) in the same groups, run the same way:
+                        how well the base model itself batches, the ceiling on mixed / one at a
+                        time (mixed can't beat base only), and one at a time's LoRA cost against it
 
 Adapters are rank ``--rank`` (8) on q, k, v, o, gate, up, down (every routed expert on MoE
 models), random and non-zero, published as revisions to a local object store and warmed onto the
@@ -281,6 +285,7 @@ async def run_case(engine: Engine, name: str, groups: list[list[int]], jobs: lis
 
 
 BASE_ROW_EVERY = 4
+BASE_IN_GROUPS = "base only, one group at a time"
 
 
 def cases(prompts: list[list[int]], handles: list[AdapterHandle], adapter_counts: list[int], one_at_a_time: int
@@ -298,6 +303,9 @@ def cases(prompts: list[list[int]], handles: list[AdapterHandle], adapter_counts
     jobs: list[Job] = [(p, handles[i % one_at_a_time]) for i, p in enumerate(prompts)]
     groups = [[i for i, j in enumerate(jobs) if j[1] == h] for h in handles[:one_at_a_time]]
     yield f"1 adapter at a time ({one_at_a_time} groups)", jobs, groups, f"mixed-{one_at_a_time}"
+    # The same groups on the base model: small steps touch few experts, so how much the base model
+    # gains from one big batch bounds mixed / one at a time whatever the adapters cost.
+    yield BASE_IN_GROUPS, [(p, None) for p in prompts], groups, "base"
 
 
 async def bench_model(label: str, engine: Engine, handles: list[AdapterHandle], args: argparse.Namespace,
@@ -338,9 +346,23 @@ def print_table(label: str, results: dict[str, CaseResult], keys: dict[str, str]
               f"{'MET' if vs_base >= 0.7 else 'MISSED'})")
         print(f"   {args.one_at_a_time} mixed / one at a time:     {vs_single:.3f}x  (target >= 8x: "
               f"{'MET' if vs_single >= 8 else 'MISSED'})")
+    base_groups = results.get(BASE_IN_GROUPS)
+    if base_groups is not None:
+        ceiling = base.tokens_per_second / base_groups.tokens_per_second
+        # mixed / one at a time = (mixed / base) * ceiling / (one at a time / base in groups), and
+        # mixed <= base: only a slower one at a time (its LoRA cost) lets the ratio pass the ceiling
+        print(f"   ceiling: base only / {BASE_IN_GROUPS} = {ceiling:.3f}x  (no adapter scheme can make "
+              f"{args.one_at_a_time} mixed / one at a time exceed about this, since mixed <= base only, "
+              f"except by slowing one at a time down)")
+        if single is not None:
+            lora = single.tokens_per_second / base_groups.tokens_per_second
+            print(f"   LoRA cost inside one at a time: one at a time / {BASE_IN_GROUPS} = {lora:.3f}x  "
+                  f"(so {args.one_at_a_time} mixed / one at a time <= ceiling / this = {ceiling / lora:.3f}x)")
     agree = all(results[n].outputs == results[m].outputs for n in results for m in results
                 if keys[n] == keys[m] and n != m)
-    print(f"   mixed and one-at-a-time outputs identical token for token: {'yes' if agree else 'NO'}")
+    # BASE_IN_GROUPS shares the base case's key: the same check covers it
+    print(f"   mixed, one-at-a-time and base-in-groups outputs identical token for token: "
+          f"{'yes' if agree else 'NO'}")
     with_base = results.get(f"{args.one_at_a_time} adapters + base rows mixed")
     if mixed is not None and with_base is not None:
         rows = range(len(base.outputs))
