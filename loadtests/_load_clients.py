@@ -13,6 +13,24 @@ from typing import Any
 import httpx
 
 
+def _chat_request(url: str, key: str, model: str, max_tokens: int) -> dict[str, Any]:
+    """The one request every load generator sends (``client.stream(**...)``): a short greedy
+    streamed chat completion."""
+    return {
+        "method": "POST",
+        "url": f"{url}/v1/chat/completions",
+        "json": {
+            "model": model,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+        },
+        "headers": {"Authorization": f"Bearer {key}"},
+        "timeout": 120,
+    }
+
+
 def stream_chat(
     client: httpx.Client, url: str, key: str, model: str, max_tokens: int
 ) -> tuple[int, float | None, float | None, str | None]:
@@ -21,17 +39,8 @@ def stream_chat(
     ``client`` is long-lived (kept-alive connections): a new httpx client per request builds an
     SSL context and a connection each time, which cost the load generators more CPU than the
     replicas spent serving, on a machine the replicas share with them."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
     t0 = time.perf_counter()
-    with client.stream(
-        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
-    ) as r:
+    with client.stream(**_chat_request(url, key, model, max_tokens)) as r:
         if r.status_code != 200:
             r.read()
             return r.status_code, None, None, None
@@ -60,17 +69,8 @@ async def _stream_chat_async(
     client: httpx.AsyncClient, url: str, key: str, model: str, max_tokens: int
 ) -> tuple[int, float | None, float | None, str | None]:
     """:func:`stream_chat` on an async client (the open-loop generator keeps many requests open)."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
     t0 = time.perf_counter()
-    async with client.stream(
-        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
-    ) as r:
+    async with client.stream(**_chat_request(url, key, model, max_tokens)) as r:
         if r.status_code != 200:
             await r.aread()
             return r.status_code, None, None, None
