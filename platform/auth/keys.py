@@ -60,7 +60,9 @@ def create_tenant(session: Session, name: str) -> models.Tenant:
     return tenant
 
 
-def create_api_key(session: Session, *, tenant_id: str, scopes: list[Scope], name: str = "") -> tuple[models.ApiKey, str]:
+def create_api_key(
+    session: Session, *, tenant_id: str, scopes: list[Scope], name: str = ""
+) -> tuple[models.ApiKey, str]:
     """Returns the row and the key itself, which is never stored and cannot be shown again."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = models.ApiKey(

@@ -20,7 +20,9 @@ def get_or_create_policy(session: Session, *, tenant_id: str, name: str, base_mo
     policy = session.scalars(select(models.Policy).where(models.Policy.tenant_id == tenant_id,
                                                          models.Policy.name == name).with_for_update()).first()
     if policy is None:
-        policy = models.Policy(id=new_policy_id or new_id("policy"), tenant_id=tenant_id, name=name, base_model_id=base_model_id)
+        policy = models.Policy(
+            id=new_policy_id or new_id("policy"), tenant_id=tenant_id, name=name, base_model_id=base_model_id
+        )
         session.add(policy)
         session.flush()
     elif policy.base_model_id != base_model_id:

@@ -8,11 +8,11 @@ controller  the loop: lease, warm, smoke, flip, fail, unpin; process entry point
 cli         calls behind ``lorafleet policies rollout|rollback|status``
 """
 
+from lorafleet.platform.rollouts.requests import cancel_rollout, create_rollout, request_rollout, rollback
+from lorafleet.platform.rollouts.schemas import ReplicaCount, ReplicaPhase, SmokeSpec, TargetSpec
 from lorafleet.services.rollout.controller import RolloutController
 from lorafleet.services.rollout.options import ControllerOptions
 from lorafleet.services.rollout.process import run_controller, serve_controller, start_background
-from lorafleet.platform.rollouts.requests import cancel_rollout, create_rollout, request_rollout, rollback
-from lorafleet.platform.rollouts.schemas import ReplicaCount, ReplicaPhase, SmokeSpec, TargetSpec
 
 __all__ = [
     "ControllerOptions",

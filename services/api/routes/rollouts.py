@@ -26,9 +26,6 @@ from lorafleet.platform.db import TenantScope, models
 from lorafleet.platform.domain.enums import RolloutState
 from lorafleet.platform.domain.errors import NotFound, Unavailable
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, EventBus, make_event_bus
-from lorafleet.services.api.deps import ReadPrincipal, StateDep, TrainPrincipal
-from lorafleet.services.api.routes.common import ListPage, unix
-from lorafleet.services.api.routes.policies import PolicyPublic
 from lorafleet.platform.rollouts import requests as rollouts
 from lorafleet.platform.rollouts.schemas import (
     ReplicaProgress,
@@ -37,6 +34,9 @@ from lorafleet.platform.rollouts.schemas import (
     parse_plan,
     parse_states,
 )
+from lorafleet.services.api.deps import ReadPrincipal, StateDep, TrainPrincipal
+from lorafleet.services.api.routes.common import ListPage, unix
+from lorafleet.services.api.routes.policies import PolicyPublic
 
 log = logging.getLogger(__name__)
 

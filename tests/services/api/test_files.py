@@ -101,7 +101,8 @@ def test_file_used_by_active_job_cannot_be_deleted(platform: Platform) -> None:
     platform.client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel", headers=platform.headers())
     assert platform.client.delete(f"/v1/files/{f['id']}", headers=platform.headers()).status_code == 200
     # the finished job still reads back
-    assert platform.client.get(f"/v1/fine_tuning/jobs/{job.json()['id']}", headers=platform.headers()).status_code == 200
+    got = platform.client.get(f"/v1/fine_tuning/jobs/{job.json()['id']}", headers=platform.headers())
+    assert got.status_code == 200
 
 
 def test_wrong_purpose(platform: Platform) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from lorafleet.platform.domain.errors import InvalidRequest, Unavailable
-from lorafleet.services.rollout.planner import ReplicaView, Verdict, decide, plan_targets
 from lorafleet.platform.rollouts.schemas import ReplicaCount, ReplicaPhase, ReplicaProgress, RolloutPlan
+from lorafleet.services.rollout.planner import ReplicaView, Verdict, decide, plan_targets
 
 BASE = "tiny-moe"
 REV = "01newrev"

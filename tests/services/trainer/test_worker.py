@@ -138,8 +138,12 @@ def test_kill_9_mid_job_resumes_from_checkpoint_and_exports_once(env: TrainerEnv
     crashed = env.create_job(training_file=files, policy="crash", seed=9, method={"type": "supervised",
                                                                                   "hyperparameters": hp})
     envvars = dict(os.environ, LORAFLEET_DATA_DIR=str(env.settings.data_dir), LORAFLEET_JOB_LEASE_SECONDS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.services.cli.main", "trainer", "--no-probes"], env=envvars,
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "trainer.log").open("wb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.services.cli.main", "trainer", "--no-probes"],
+        env=envvars,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "trainer.log").open("wb"),
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
