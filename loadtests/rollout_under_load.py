@@ -5,9 +5,11 @@ Starts a small real platform on 127.0.0.1: a fresh PostgreSQL database, a local 
 and, each as a process of its own, the control-plane API (``lorafleet api``), a rollout
 controller (``lorafleet rollout-controller``) and two serving replicas (``lorafleet serve``) over
 tiny-moe (``make test-model``). ``--warm``
-policies are rolled out and pinned on both replicas; ``--clients`` closed-loop clients stream
-chat completions to them (random policy, random replica) for the whole run. Then:
+policies are rolled out and pinned on both replicas; ``--clients`` closed-loop clients (or, with
+``--rate``, open-loop Poisson traffic) stream chat completions to them (random policy, random
+replica) for the whole run. Then:
 
+- warm-up: ``--warmup`` revisions exposed in each mode, not measured (first calls of every path);
 - baseline: ``--baseline-seconds`` of that traffic alone;
 - for each N in ``--n`` and each mode, N new revisions (each a new policy's first revision) are
   published one every ``--interval`` seconds, and each is exposed:
@@ -361,6 +363,7 @@ def run_mode(
     traffic: Traffic,
     senders: FirstSenders,
     interval: float,
+    phase: str | None = None,
 ) -> tuple[list[Sample], list[str], float]:
     """Expose N published revisions, one every ``interval``, and have a sender process send each
     one's first request as soon as its pointer names it (on the pointer's announcement on Redis, as a replica learns it;
@@ -369,10 +372,10 @@ def run_mode(
     the trainer's work, in another process in production, and here it would take this process's
     interpreter from the clients that measure.
     Returns (first-request samples, failures, phase seconds)."""
-    phase = f"{mode} N={n}"
+    phase = phase or f"{mode} N={n}"
     revisions = []
     for i in range(n):
-        name = f"{mode.replace('-', '')}-{n}-{i}"
+        name = f"{phase.replace(' ', '-').replace('=', '')}-{i}"
         policy_id = new_empty_policy(fleet, name)
         revisions.append((name, policy_id, fleet.publish(policy_id)))
     time.sleep(1.0)
@@ -496,6 +499,9 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between two published revisions")
     ap.add_argument("--baseline-seconds", type=float, default=20.0)
     ap.add_argument(
+        "--warmup", type=int, default=4, help="revisions exposed in each mode before the baseline, not measured"
+    )
+    ap.add_argument(
         "--step-budget",
         type=float,
         default=None,
@@ -527,7 +533,7 @@ def main() -> None:
         if not (Path(args.base) / "config.json").exists():
             raise SystemExit(f"no base at {args.base}: run `make test-model` or pass --base random")
         base_dir = with_chat_template(Path(args.base), work)
-    slots = args.warm + 2 * sum(ns) + 4
+    slots = args.warm + 2 * (sum(ns) + len(modes(args)) * args.warmup) + 4  # every exposed revision stays pinned
     # Events on Redis, as deployed; a prefix of this run's own keeps other users of the server apart.
     events = {
         "LORAFLEET_QUEUE_BACKEND": "redis",
@@ -590,6 +596,23 @@ def run_all(
         | {"load": traffic.pids + senders.pids, "bench": [os.getpid()]}
     )
     time.sleep(3.0)
+    # Every path a measured phase takes runs once first, outside the figures: the API's and the
+    # controller's first rollouts, a replica's first flips and first requests to new policies
+    # (first calls compile statements and validators, import lazily, open connections).
+    for mode in modes(args):
+        run_mode(
+            mode=mode,
+            n=args.warmup,
+            fleet=fleet,
+            bus=bus,
+            api=api,
+            traffic=traffic,
+            senders=senders,
+            interval=args.interval,
+            phase=f"warmup {mode}",
+        )
+    traffic.phase = "warmup"
+    time.sleep(2.0)
     traffic.phase = "baseline"
     cpu_start = meter.snapshot()
     time.sleep(args.baseline_seconds)
