@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import multiprocessing
 import os
 import queue
@@ -599,18 +600,11 @@ def run_all(
     # Every path a measured phase takes runs once first, outside the figures: the API's and the
     # controller's first rollouts, a replica's first flips and first requests to new policies
     # (first calls compile statements and validators, import lazily, open connections).
+    expose = functools.partial(
+        run_mode, fleet=fleet, bus=bus, api=api, traffic=traffic, senders=senders, interval=args.interval
+    )
     for mode in modes(args):
-        run_mode(
-            mode=mode,
-            n=args.warmup,
-            fleet=fleet,
-            bus=bus,
-            api=api,
-            traffic=traffic,
-            senders=senders,
-            interval=args.interval,
-            phase=f"warmup {mode}",
-        )
+        expose(mode=mode, n=args.warmup, phase=f"warmup {mode}")
     traffic.phase = "warmup"
     time.sleep(2.0)
     traffic.phase = "baseline"
@@ -624,16 +618,7 @@ def run_all(
         for mode in modes(args):
             before = server_ttft(fleet)
             cpu_start = meter.snapshot()
-            runs[(mode, n)] = run_mode(
-                mode=mode,
-                n=n,
-                fleet=fleet,
-                bus=bus,
-                api=api,
-                traffic=traffic,
-                senders=senders,
-                interval=args.interval,
-            )
+            runs[(mode, n)] = expose(mode=mode, n=n)
             cpu[f"{mode} N={n}"] = _cpu_rate(cpu_start, meter.snapshot(), runs[(mode, n)][2])
             after = server_ttft(fleet)
             server[(mode, n)] = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
