@@ -59,6 +59,13 @@ class RolloutFailed(Exception):
         self.error = error
 
 
+_STARTS: dict[RolloutState, tuple[str, ...]] = {
+    state: tuple(s.value for s in RolloutState if s.active and (s == state or state in ROLLOUT_TRANSITIONS[s]))
+    for state in RolloutState
+}
+"""The active states a driver's write may move the row from into each state (itself included)."""
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -565,9 +572,7 @@ class Driver:
         starts = ACTIVE_STATES
         if state is not None:
             values["state"] = state.value
-            starts = tuple(
-                s.value for s in RolloutState if s.active and (s == state or state in ROLLOUT_TRANSITIONS[s])
-            )
+            starts = _STARTS[state]
         with transaction(self.sessions) as session:
             result = session.execute(
                 update(models.Rollout)

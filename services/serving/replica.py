@@ -262,7 +262,7 @@ def build_serving(
     lifecycle = APIRouter(lifespan=replica.lifespan)
     replica.routers = (
         lifecycle,
-        openai_router(engine=engine, resolver=resolver, sessions=sessions, keys=keys),
+        openai_router(engine=engine, resolver=resolver, keys=keys),
         internal_router(engine=engine, agent=agent, resolver=resolver, keys=keys),
     )
     return replica

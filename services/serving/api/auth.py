@@ -36,7 +36,6 @@ class KeyCache:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
-        self.ttl_seconds = ttl_seconds
         self._lock = threading.Lock()
         self._cache: TTLCache[str, Principal] | None = (
             TTLCache(maxsize=max_keys, ttl=ttl_seconds, timer=timer) if ttl_seconds > 0 else None
@@ -55,11 +54,6 @@ class KeyCache:
         with self._lock:
             self._cache[digest] = principal
         return principal
-
-    def clear(self) -> None:
-        if self._cache is not None:
-            with self._lock:
-                self._cache.clear()
 
     def _verify(self, authorization: str | None) -> Principal:
         with self.sessions() as session:

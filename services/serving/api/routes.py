@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions`` and ``POST /v1/completions`` over an :class:`Engine`.
 
 The router is built per replica (:func:`openai_router`) and closes over the replica's engine,
-resolver and database sessions, so it can be mounted on the control plane's app (``lorafleet
+resolver and key cache, so it can be mounted on the control plane's app (``lorafleet
 up``) or on a serving-only app (``lorafleet serve``) alike. Errors are raised as
 ``LorafleetError``s; whichever app mounts the router maps them to status codes.
 
@@ -26,7 +26,6 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.platform.auth import Principal
 from lorafleet.platform.domain.enums import Scope
@@ -81,7 +80,7 @@ class _FirstRequests:
         return True
 
 
-def openai_router(*, engine: Engine, resolver: Resolver, sessions: sessionmaker[Session], keys: KeyCache) -> APIRouter:
+def openai_router(*, engine: Engine, resolver: Resolver, keys: KeyCache) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["inference"])
     infer = Annotated[Principal, Depends(require_scope(keys, Scope.INFER))]
     first_requests = _FirstRequests()
