@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,7 @@ from lorafleet.platform.db import models, transaction  # noqa: E402
 from lorafleet.platform.domain.ids import new_id, new_ulid  # noqa: E402
 from lorafleet.platform.events import POLICY_POINTER_CHANGED, Event, EventBus, PolicyPointerChanged  # noqa: E402
 from lorafleet.platform.events.redis_bus import RedisBus  # noqa: E402
+from lorafleet.platform.rollouts.requests import flip_pointer  # noqa: E402
 from lorafleet.services.serving.replica import ServingOptions  # noqa: E402
 from tests.services.rollout._fleet import (  # noqa: E402  (after the path fix)
     BASE_ID,
@@ -104,9 +105,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Traffic:
-    """Closed-loop clients over the warm policies, each a process of its own so that the latency
-    they measure is not inflated by this process's interpreter (watcher, probes); each sample is
-    labelled with the phase that was current when its request started."""
+    """Background clients over the warm policies (closed or open loop), each a process of its own
+    so that the latency they measure is not inflated by this process's interpreter (watcher,
+    probes); each sample is labelled with the phase that was current when its request started."""
 
     def __init__(
         self, fleet: Fleet, policies: list[str], *, clients: int, max_tokens: int, rate: float | None = None
@@ -299,10 +300,14 @@ class CpuMeter:
     def __init__(self, parts: dict[str, list[int]]) -> None:
         self._parts = parts
 
+    SERVERS = {"postgres": "postgres", "redis-server": "redis"}
+    """Process name -> part, for the servers whose processes come and go (PostgreSQL backends)."""
+
     def snapshot(self) -> dict[str, float]:
-        pids = dict(self._parts)
-        pids["postgres"] = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
-        pids["redis"] = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
+        pids = {part: list(ids) for part, ids in self._parts.items()} | {part: [] for part in self.SERVERS.values()}
+        for proc in psutil.process_iter(["name"]):
+            if (part := self.SERVERS.get(proc.info["name"])) is not None:
+                pids[part].append(proc.pid)
         totals = {}
         for part, ids in pids.items():
             total = 0.0
@@ -333,9 +338,8 @@ def start_two_stage(client: httpx.Client, api: str, fleet: Fleet, name: str, rev
 def flip_lazy(fleet: Fleet, bus: EventBus, policy_id: str, revision: str) -> None:
     """Load-on-first-request: the pointer moves at once (and is announced); nobody warms anything."""
     with transaction(fleet.sessions) as s:
-        row = s.get(models.Policy, policy_id)
-        assert row is not None
-        old, row.serving_revision_id = row.serving_revision_id, revision
+        row = s.scalars(select(models.Policy).where(models.Policy.id == policy_id).with_for_update()).one()
+        old = flip_pointer(row, revision)  # the platform's own flip, as a rollback makes it
         name = row.name
     event = PolicyPointerChanged(
         tenant_id=fleet.tenant_id,
@@ -365,6 +369,7 @@ def run_mode(
     senders: FirstSenders,
     interval: float,
     phase: str | None = None,
+    at_start: Callable[[], None] = lambda: None,
 ) -> tuple[list[Sample], list[str], float]:
     """Expose N published revisions, one every ``interval``, and have a sender process send each
     one's first request as soon as its pointer names it (on the pointer's announcement on Redis, as a replica learns it;
@@ -381,6 +386,7 @@ def run_mode(
         revisions.append((name, policy_id, fleet.publish(policy_id)))
     time.sleep(1.0)
     traffic.phase = phase
+    at_start()  # the phase's own interval starts here (CPU accounting), after the publishing
     started = time.perf_counter()
     firsts: list[Sample] = []
     failures: list[str] = []
@@ -617,9 +623,9 @@ def run_all(
     for n in ns:
         for mode in modes(args):
             before = server_ttft(fleet)
-            cpu_start = meter.snapshot()
-            runs[(mode, n)] = expose(mode=mode, n=n)
-            cpu[f"{mode} N={n}"] = _cpu_rate(cpu_start, meter.snapshot(), runs[(mode, n)][2])
+            start: list[tuple[dict[str, float], float]] = []
+            runs[(mode, n)] = expose(mode=mode, n=n, at_start=functools.partial(_mark, meter, start))
+            cpu[f"{mode} N={n}"] = _cpu_rate(start[0][0], meter.snapshot(), time.perf_counter() - start[0][1])
             after = server_ttft(fleet)
             server[(mode, n)] = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
             traffic.phase = "between"
@@ -629,6 +635,10 @@ def run_all(
     out["runs"] = runs
     out["server"] = server
     return out
+
+
+def _mark(meter: CpuMeter, into: list[tuple[dict[str, float], float]]) -> None:
+    into.append((meter.snapshot(), time.perf_counter()))
 
 
 def _cpu_rate(start: dict[str, float], end: dict[str, float], seconds: float) -> dict[str, float]:
